@@ -1,0 +1,65 @@
+"""The `evalkit` command. Thin: each subcommand module in this package parses its arguments and
+calls one public function. Modules here import nothing heavy at import time (no torch, no
+sentence-transformers, no faiss), so `evalkit --help` is instant.
+
+Each subcommand module defines `add_parser(subparsers)`, which registers a parser whose
+`func` default takes the parsed namespace and returns an exit code (or None for 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from evalkit.errors import EvalkitError
+
+# Order is the order shown in --help. A module that is not there yet is skipped.
+SUBCOMMAND_MODULES = ["convert", "encode", "cache", "evaluate", "index", "ann", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evalkit",
+        description=(
+            "Out-of-core data, training, embedding, evaluation and ANN checks for "
+            "sentence-transformers models. Run `evalkit COMMAND --help` for each command."
+        ),
+    )
+    from evalkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"evalkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"evalkit.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"evalkit.cli.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.func(args)
+    except EvalkitError as exc:
+        print(f"evalkit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"evalkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

