@@ -1,0 +1,268 @@
+"""Benchmark: memory-mapped PairDataset vs HF `datasets` vs a Python list, on a >= 2 GB Arrow file.
+
+Steps (one run, everything in --workdir, removed afterwards unless --keep):
+1) build a source Parquet file of real texts with a streaming writer: every WordNet 3.0 gloss paired
+   with the gloss of a random other synset, a random score and a row id, repeated until the Arrow data
+   reaches --size-gb;
+2) convert it to an Arrow IPC file with evalkit.arrow.convert (rows/s; peak RssAnon growth sampled
+   every 20 ms) and write a stream-format copy, which `datasets.Dataset.from_file` needs;
+3) random batched access (batches of --batch rows, the same index sets for every reader): evalkit
+   PairDataset.__getitems__ (what torch's DataLoader calls), evalkit texts_batch (column-wise),
+   `datasets.Dataset.from_file(...)[indices]`, and a Python list of dicts held in memory (a subset);
+4) a full random pass over every row of the file through evalkit, with RssAnon before and after.
+
+The last line printed is `ratio_vs_hf_datasets=X` (evalkit __getitems__ rows/s / datasets rows/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOSSES = ROOT.parent / "shared" / "data" / "corpus-wordnet-glosses" / "wordnet30_glosses.tsv"
+
+
+def rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakRss:
+    """Samples RssAnon in a thread; .peak is the highest value seen (MB)."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every, self.peak, self._stop = every, rss_anon_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon_mb())
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon_mb())
+
+
+def load_glosses(path: Path) -> pa.Array:
+    table = pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(include_columns=["gloss"]),
+    )
+    return table.column("gloss").combine_chunks()
+
+
+def write_source(glosses: pa.Array, dest: Path, size_gb: float, seed: int, chunk: int) -> int:
+    """Stream random gloss pairs into a Parquet file until the Arrow data reaches size_gb."""
+    rng = np.random.default_rng(seed)
+    n = len(glosses)
+    lengths = np.diff(np.frombuffer(glosses.buffers()[1], dtype=np.int32)[: n + 1]).astype(np.int64)
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("sentence1", pa.string()),
+            ("sentence2", pa.string()),
+            ("score", pa.float32()),
+        ]
+    )
+    rows, nbytes = 0, 0
+    with pq.ParquetWriter(dest, schema, compression="zstd") as writer:
+        while nbytes < size_gb * 1e9:
+            i = rng.integers(0, n, chunk)
+            j = (i + rng.integers(1, n, chunk)) % n  # a random *other* synset
+            batch = pa.record_batch(
+                [
+                    pa.array(np.arange(rows, rows + chunk, dtype=np.int64)),
+                    glosses.take(pa.array(i)),
+                    glosses.take(pa.array(j)),
+                    pa.array(rng.random(chunk, dtype=np.float32)),
+                ],
+                schema=schema,
+            )
+            writer.write_batch(batch)
+            rows += chunk
+            nbytes += int(lengths[i].sum() + lengths[j].sum()) + chunk * (8 + 4 + 4 + 4)
+    return rows
+
+
+def convert(source: Path, dest: Path) -> str:
+    """evalkit.arrow.convert when it exists; else the same streaming conversion inline."""
+    try:
+        from evalkit.arrow import convert as ek_convert
+    except ImportError:
+        ek_convert = None
+    if ek_convert is not None:
+        ek_convert(str(source), str(dest), progress=False)
+        return "evalkit.arrow.convert"
+    import pyarrow.dataset as pads
+
+    data = pads.dataset(str(source), format="parquet")
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, data.schema) as writer:
+        for batch in data.to_batches(batch_size=65536):
+            writer.write_batch(batch)
+    return "inline pyarrow.dataset -> ipc.new_file (evalkit.arrow not found)"
+
+
+def write_stream_copy(src: Path, dest: Path) -> None:
+    with pa.memory_map(str(src)) as mm:
+        reader = pa.ipc.open_file(mm)
+        with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+            for i in range(reader.num_record_batches):
+                writer.write_batch(reader.get_batch(i))
+
+
+def time_batches(fetch, batches: list[np.ndarray]) -> float:
+    """rows/s of fetch(indices) over the given index batches (after a short warm-up)."""
+    for idx in batches[:20]:
+        fetch(idx)
+    t0 = time.perf_counter()
+    for idx in batches:
+        fetch(idx)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--workdir", default=None, help="where to build the files (default: a new temp dir)"
+    )
+    ap.add_argument("--size-gb", type=float, default=2.0, help="size of the Arrow data to build")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    ap.add_argument("--batch", type=int, default=64, help="rows per random batch")
+    ap.add_argument("--batches", type=int, default=3000, help="random batches timed per reader")
+    ap.add_argument("--list-rows", type=int, default=1_000_000, help="rows in the in-memory list")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--glosses", type=Path, default=GLOSSES, help="WordNet glosses TSV")
+    args = ap.parse_args(argv)
+
+    from evalkit.dataset import PairDataset
+
+    own_dir = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="bench-dataset-") if own_dir else args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"workdir: {work}")
+        glosses = load_glosses(args.glosses)
+        print(f"glosses: {len(glosses):,} real WordNet 3.0 glosses from {args.glosses}")
+        source = work / "pairs.parquet"
+        t0 = time.perf_counter()
+        rows = write_source(glosses, source, args.size_gb, args.seed, chunk=262_144)
+        print(
+            f"source: {rows:,} rows -> {source.name} ({source.stat().st_size / 1e9:.2f} GB parquet)"
+            f" in {time.perf_counter() - t0:.1f} s"
+        )
+        del glosses
+
+        dest = work / "pairs.arrow"
+        base = rss_anon_mb()
+        total0 = pa.total_allocated_bytes()
+        t0 = time.perf_counter()
+        with PeakRss() as peak:
+            how = convert(source, dest)
+        secs = time.perf_counter() - t0
+        conv_growth = peak.peak - base
+        print(
+            f"convert ({how}): {rows:,} rows, {dest.stat().st_size / 1e9:.2f} GB arrow file in "
+            f"{secs:.1f} s = {rows / secs:,.0f} rows/s; RssAnon {base:.0f} MB before, peak "
+            f"{peak.peak:.0f} MB (growth {conv_growth:.0f} MB)"
+        )
+        stream = work / "pairs.stream.arrow"
+        write_stream_copy(dest, stream)
+
+        rng = np.random.default_rng(args.seed + 1)
+        batches = [rng.integers(0, rows, args.batch) for _ in range(args.batches)]
+        ds = PairDataset(dest, ["sentence1", "sentence2"], "score", as_dict=True)
+        assert len(ds) == rows
+        before_read = rss_anon_mb()
+        ek_rate = time_batches(ds.__getitems__, batches)
+        ek_cols = time_batches(ds.texts_batch, batches)
+        ds_stream = PairDataset(stream, ["sentence1", "sentence2"], "score", as_dict=True)
+        ek_stream_rate = time_batches(ds_stream.__getitems__, batches)
+        print(f"evalkit PairDataset.__getitems__ (file format, dicts): {ek_rate:,.0f} rows/s")
+        print(f"evalkit PairDataset.texts_batch (columns):             {ek_cols:,.0f} rows/s")
+        print(
+            f"evalkit PairDataset.__getitems__ (stream format):      {ek_stream_rate:,.0f} rows/s"
+        )
+
+        # full random pass over every row: an affine permutation i -> (a*i + c) mod n, no index array
+        n = rows
+        a = int(rng.integers(n // 3, n)) | 1
+        while np.gcd(a, n) != 1:
+            a += 2
+        c = int(rng.integers(0, n))
+        pass_before = rss_anon_mb()
+        t0 = time.perf_counter()
+        seen = 0
+        with PeakRss() as pass_peak:
+            step = args.batch * 16
+            for start in range(0, n, step):
+                ids = (np.arange(start, min(start + step, n), dtype=np.int64) * a + c) % n
+                for k in range(0, len(ids), args.batch):
+                    seen += len(ds.__getitems__(ids[k : k + args.batch]))
+        pass_secs = time.perf_counter() - t0
+        pass_after = rss_anon_mb()
+        read_growth = max(pass_peak.peak, pass_after) - base
+        print(
+            f"full random pass: {seen:,} rows in {pass_secs:.1f} s = {seen / pass_secs:,.0f} rows/s; "
+            f"RssAnon {pass_before:.0f} MB before, {pass_after:.0f} MB after, peak {pass_peak.peak:.0f} MB; "
+            f"arrow allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
+        )
+        print(
+            f"RssAnon growth from before conversion: converting {conv_growth:.0f} MB, "
+            f"reading {read_growth:.0f} MB (datasets not yet imported; reading started at "
+            f"{before_read:.0f} MB)"
+        )
+
+        import datasets
+
+        hf = datasets.Dataset.from_file(str(stream))
+        assert len(hf) == rows
+        hf_rate = time_batches(lambda idx: hf[idx.tolist()], batches)
+        print(f"datasets.Dataset.from_file(...)[list of {args.batch}]:       {hf_rate:,.0f} rows/s")
+        hf_same = hf[batches[0][:5].tolist()]
+        ours = ds.texts_batch(batches[0][:5])
+        assert hf_same["sentence1"] == ours[0][0] and hf_same["sentence2"] == ours[0][1]
+
+        m = min(args.list_rows, rows)
+        in_memory = [row for chunk in ds.iter_batches(range(m), batch_size=65536) for row in chunk]
+        sub = [rng.integers(0, m, args.batch) for _ in range(args.batches)]
+        list_rate = time_batches(lambda idx: [in_memory[i] for i in idx.tolist()], sub)
+        print(f"python list of {m:,} dicts in memory:                     {list_rate:,.0f} rows/s")
+        print(f"evalkit / python list: {ek_rate / list_rate:.2f}")
+        ratio = ek_rate / hf_rate
+        ok = ratio >= 1.5 and conv_growth <= 200 and read_growth <= 200
+        print(f"must-show: ratio >= 1.5 and RssAnon growth <= 200 MB: {'PASS' if ok else 'FAIL'}")
+        print(f"ratio_vs_hf_datasets={ratio:.2f}")
+        return 0
+    finally:
+        if own_dir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        elif not args.keep:
+            for name in ("pairs.parquet", "pairs.arrow", "pairs.stream.arrow"):
+                (work / name).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
