@@ -113,11 +113,12 @@ class ScoreHistogram:
         lo, hi = keys[0], keys[-1]
         n = max_groups - 1
         width = (hi - lo) / n
+        group = {k: min(int((k - lo) / width), n - 1) for k in keys}
         out = []
         for g in range(n):
-            a, b = lo + g * width, lo + (g + 1) * width
-            members = [k for k in keys if a <= k < b or (g == n - 1 and k <= hi)]
+            members = [k for k in keys if group[k] == g]
             if members:
+                a, b = lo + g * width, lo + (g + 1) * width
                 out.append((f"{a:g}-{b:g}", sum(self.counts[k] for k in members)))
         return out
 
