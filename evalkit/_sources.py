@@ -41,6 +41,14 @@ FORMATS = {
 }
 _EXTRA_EXTENSIONS = {"txt": "tsv", "tab": "tsv"}
 _COMPRESSION = ("gz", "bz2", "zst", "lz4", "br")
+_NAMES = {
+    "parquet": "Parquet",
+    "csv": "CSV",
+    "tsv": "TSV",
+    "json": "JSON Lines",
+    "orc": "ORC",
+    "ipc": "Arrow IPC",
+}
 SUPPORTED = "parquet, csv, tsv, json (JSON Lines), orc, arrow/feather/ipc"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -68,6 +76,27 @@ def first_line(exc: BaseException) -> str:
 
 def missing_column(col: str, label: str, names: Sequence[str]) -> str:
     return f"column '{col}' not in {label}; columns are: {', '.join(names)}"
+
+
+def open_error(exc: BaseException, kind: str, label: str) -> str:
+    """One line for an Arrow error raised while opening or reading a file of `label`."""
+    message = first_line(exc)
+    where = re.search(r"input source '(.*?)'", message)
+    if where:
+        message = message.rsplit("': ", 1)[-1]
+    message = re.sub(r"^(Invalid|IOError): ", "", message)
+    name = where[1] if where and where[1] != label and not where[1].endswith(label) else None
+    what = f"{name} (in {label})" if name else label
+    if kind in ("csv", "tsv"):
+        return (
+            f"cannot parse {what} as {_NAMES[kind]}: {message} "
+            "(check --delimiter, --no-quoting and --column-names)"
+        )
+    if kind == "json":
+        return f"cannot parse {what} as JSON Lines (one object per line): {message}"
+    return (
+        f"{what} is not a readable {_NAMES.get(kind, kind)} file, corrupt or truncated: {message}"
+    )
 
 
 def describe(source: Any) -> str:
@@ -118,9 +147,7 @@ def open_any(
         else:
             dataset = ds.dataset(paths, filesystem=fs, format=file_format)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        raise DataError(
-            f"{label} is not a readable {kind} file; is it corrupt or truncated? ({first_line(exc)})"
-        ) from exc
+        raise DataError(open_error(exc, kind, label)) from exc
     return Opened(dataset, None, label, kind, local=local)
 
 
@@ -223,7 +250,14 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
     regex = re.compile(_glob_regex(pattern))
-    return sorted(i.path for i in infos if i.is_file and regex.fullmatch(i.path))
+    dotted = "/." in pattern or pattern.startswith(".")
+    return sorted(
+        i.path
+        for i in infos
+        if i.is_file
+        and regex.fullmatch(i.path)
+        and (dotted or not any(p.startswith(".") for p in i.path[len(base) :].split("/")))
+    )
 
 
 def _glob_regex(pattern: str) -> str:
@@ -273,14 +307,15 @@ def _format(paths: list[str], format: str | None, label: str) -> str:
         if wanted and len(wanted) < len(paths) and len(paths) > 1:
             paths[:] = wanted  # a folder with a README next to its CSVs
         return kind
+    strong = {FORMATS.get(_extension(p)) for p in paths} - {None}
+    if len(paths) > 1 and strong:  # a folder of shards next to a README.txt or _SUCCESS
+        paths[:] = [p for p in paths if FORMATS.get(_extension(p)) is not None]
     kinds = {_kind_of(p) for p in paths}
-    if len(paths) > 1 and None in kinds and kinds - {None}:
-        paths[:] = [p for p in paths if _kind_of(p) is not None]
-        kinds.discard(None)
     if None in kinds:
         ext = _extension(paths[0])
+        what = f"its extension '.{ext}'" if ext else "its name (no extension)"
         raise DataError(
-            f"cannot tell the format of {label} from its extension '.{ext}'; "
+            f"cannot tell the format of {label} from {what}; "
             f"supported: {SUPPORTED}; pass --format (format=) to say which"
         )
     if len(kinds) > 1:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from evalkit._sources import Opened, first_line, missing_column, open_any
+from evalkit._sources import Opened, first_line, missing_column, open_any, open_error
 from evalkit.errors import DataError, EvalkitError
 
 __all__ = [
@@ -312,26 +312,13 @@ def _guard(opened: Opened, call: Any) -> Any:
         name = re.search(r"No match for FieldRef\.Name\((.*?)\)", message)
         if name:
             raise DataError(missing_column(name[1], opened.label, opened.schema.names)) from exc
-        raise DataError(f"cannot read {opened.label} ({opened.kind}): {_hint(message)}") from exc
+        raise DataError(open_error(exc, opened.kind, opened.label)) from exc
     except pa.ArrowNotImplementedError as exc:
         raise DataError(f"cannot apply this to {opened.label}: {first_line(exc)}") from exc
     except (pa.ArrowIOError, OSError) as exc:  # OSError covers ArrowIOError and local I/O
         if isinstance(exc, (FileNotFoundError, PermissionError)):
             raise DataError(f"cannot read {opened.label}: {exc}") from exc
         raise DataError(f"cannot read {opened.label}: {first_line(exc)}") from exc
-
-
-def _hint(message: str) -> str:
-    lowered = message.lower()
-    if "conversion error" in lowered:
-        return message + " (a column's type changed after the first block of the CSV)"
-    if "json parse error" in lowered or "straddling" in lowered:
-        return message + " (JSON sources must be JSON Lines: one object per line)"
-    if any(
-        w in lowered for w in ("magic", "footer", "corrupt", "too small", "truncat", "expected")
-    ):
-        return "the file is corrupt or truncated: " + message
-    return message
 
 
 def _options(format, column_names, delimiter, quoting, filesystem) -> dict[str, Any]:
