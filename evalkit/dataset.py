@@ -66,6 +66,8 @@ class _IpcFile:
         self.path = path
         if not os.path.isfile(path):
             raise DataError(f"Arrow file {path} does not exist")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path} is empty, not an Arrow IPC file")
         try:
             self._mm = pa.memory_map(path, "r")
             self.buffer = self._mm.read_buffer()
