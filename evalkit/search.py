@@ -1,0 +1,168 @@
+"""Exact top-k search over a corpus that streams through in blocks.
+
+Algorithm (``exact_search``):
+1) normalise the queries once (cosine), in float64;
+2) for each corpus block (ids, vectors): normalise (cosine), score = queries @ block.T computed
+   in float64 and rounded to the embeddings' dtype (float32 unless float64 is given), so a score
+   does not depend on which BLAS kernel a block's shape selects;
+3) ``TopK.update``: per query keep the block's best k under the total order (-score, id), found
+   with ``argpartition``; rows whose k-th score is tied are re-selected by id, so the choice never
+   depends on where the block boundaries fall; merge with the running k and re-sort;
+4) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
+
+Because every step selects by one total order, the result is identical for any block size.
+Dialects: ``sentence-transformers`` ranks by (-score, id ascending) on the scores as computed;
+``trec_eval`` (pytrec_eval, BEIR, MTEB) casts scores to float32 and breaks ties by id descending,
+comparing ids as strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from evalkit.errors import EvalkitError
+from evalkit.metrics._rank import TIES, id_key, order_rows, take_rows
+
+DIALECTS = ("sentence-transformers", "trec_eval")
+SCORES = ("cosine", "dot")
+
+
+def dialect_ties(dialect: str) -> str:
+    if dialect not in DIALECTS:
+        raise EvalkitError(f"dialect must be one of {', '.join(DIALECTS)}; got {dialect!r}")
+    return "id_desc" if dialect == "trec_eval" else "id_asc"
+
+
+class TopK:
+    """Exact running top-k per query, merged block by block. State: O(n_queries x k).
+
+    ``update(block_scores[nq, nb], block_ids[nb])`` folds one corpus block in; ``result()``
+    returns (scores, ids) sorted best first by (-score, id) with ``ties`` deciding the id order.
+    """
+
+    def __init__(self, n_queries: int, k: int, *, ties: str = "id_asc") -> None:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise EvalkitError(f"k must be a positive integer; got {k!r}")
+        if ties not in TIES:
+            raise EvalkitError(f"ties must be one of {', '.join(TIES)}; got {ties!r}")
+        self.n_queries, self.k, self.ties = int(n_queries), int(k), ties
+        self.scores: np.ndarray | None = None  # [nq, <=k] merge: union, keep best k
+        self.ids: np.ndarray | None = None  # [nq, <=k] merge: as scores
+
+    def update(self, block_scores: np.ndarray, block_ids: Iterable) -> None:
+        scores = np.asarray(block_scores)
+        ids = np.asarray(block_ids)
+        if scores.ndim != 2 or scores.shape[0] != self.n_queries or ids.shape != (scores.shape[1],):
+            raise EvalkitError(
+                f"block scores must be [{self.n_queries}, n_block] with n_block ids; "
+                f"got scores {scores.shape} and ids {ids.shape}"
+            )
+        if scores.shape[1] == 0:
+            return
+        cand_scores, cand_ids = self._block_top(scores, ids)
+        self._fold(cand_scores, cand_ids)
+
+    def merge(self, other: TopK) -> None:
+        """Fold in another TopK over a disjoint part of the corpus (same queries, same k)."""
+        if (other.n_queries, other.k, other.ties) != (self.n_queries, self.k, self.ties):
+            raise EvalkitError("can only merge TopK states with the same n_queries, k and ties")
+        if other.scores is not None:
+            self._fold(other.scores, other.ids)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.scores is None:
+            return np.zeros((self.n_queries, 0), np.float32), np.zeros(
+                (self.n_queries, 0), np.int64
+            )
+        return self.scores, self.ids
+
+    def _block_top(self, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The block's best k per row, exact under (-score, id); ties at the k-th score by id."""
+        nb, k = scores.shape[1], self.k
+        if nb <= k:
+            return scores, np.broadcast_to(ids, scores.shape)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+        tied = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+        if len(tied):
+            # rows with more candidates than places at the k-th score: all scores above it, then
+            # the tied ones with the best ids (an integer key, so one argpartition decides)
+            rank = np.empty(nb, dtype=np.int64)
+            rank[np.argsort(id_key(ids, self.ties), kind="stable")] = np.arange(nb)
+            s, t = scores[tied], kth[tied]
+            key = np.where(s > t, -1, np.where(s == t, rank[None, :], nb))
+            part[tied] = np.argpartition(key, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, part, axis=1), ids[part]
+
+    def _fold(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        if self.scores is not None:
+            scores = np.concatenate([self.scores, scores], axis=1)
+            ids = np.concatenate([self.ids, ids], axis=1)
+        order = order_rows(scores, ids, self.ties)[:, : self.k]
+        self.scores = take_rows(scores, order)
+        self.ids = take_rows(ids, order)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, x.dtype.type(1e-12))
+
+
+def exact_search(
+    query_emb: np.ndarray,
+    corpus_blocks: Iterable[tuple[Iterable, np.ndarray]],
+    k: int,
+    *,
+    score: str = "cosine",
+    dialect: str = "sentence-transformers",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k corpus ids per query, streaming the corpus as (ids, vectors) blocks.
+
+    Returns (scores, ids) of shape [n_queries, min(k, corpus size)], best first. ``score`` is
+    "cosine" (vectors normalised, clamped at 1e-12 as torch does) or "dot". Scores accumulate in
+    float64 and come back in the embeddings' dtype (float32 by default). With ``dialect="trec_eval"`` scores are cast
+    to float32 and ids to str, ties broken by id descending, as pytrec_eval ranks a run.
+    """
+    if score not in SCORES:
+        raise EvalkitError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
+    ties = dialect_ties(dialect)
+    q_in = np.asarray(query_emb)
+    if q_in.ndim != 2:
+        raise EvalkitError(
+            f"query_emb must be a 2-D array [n_queries, dim]; got shape {q_in.shape}"
+        )
+    q = q_in.astype(np.float64)
+    if score == "cosine":
+        q = _normalise(q)
+    top = TopK(len(q), k, ties=ties)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="search", unit="doc")
+    for ids, vectors in corpus_blocks:
+        v_in = np.asarray(vectors)
+        ids = np.asarray(ids)
+        if v_in.ndim != 2 or v_in.shape[1] != q.shape[1] or len(ids) != len(v_in):
+            raise EvalkitError(
+                f"corpus block must be (ids[n], vectors[n, {q.shape[1]}]); "
+                f"got {len(ids)} ids and vectors {v_in.shape}"
+            )
+        out_dtype = np.result_type(q_in.dtype, v_in.dtype, np.float32)
+        v = v_in.astype(np.float64)
+        if score == "cosine":
+            v = _normalise(v)
+        # float64 accumulation, then rounding to the embeddings' dtype: the float32 score is the
+        # correctly rounded exact value, whatever BLAS kernel the block shape picks
+        s = (q @ v.T).astype(np.float32 if dialect == "trec_eval" else out_dtype)
+        if dialect == "trec_eval":
+            ids = ids.astype(str)
+        top.update(s, ids)
+        if bar is not None:
+            bar.update(len(v))
+    if bar is not None:
+        bar.close()
+    return top.result()
