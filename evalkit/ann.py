@@ -1,0 +1,784 @@
+"""ANN-vs-exact sanity checks: how much an index loses against exact search, on your queries.
+
+`check_index` (embeddings in, results out):
+1) queries: given, or --queries rows sampled from the corpus and held out (removed from both the
+   index and the ground truth, so a query never finds itself);
+2) exact ground truth out of core: `evalkit.search.exact_search` over the corpus blocks, ties
+   by corpus position, keeping a few extra ranks so tied neighbours count as found;
+3) build the index over the same blocks (or load a built one and check it matches);
+4) sweep the search parameter (nprobe for IVF, efSearch for HNSW), cheapest first: for each
+   setting, k-recall@k and 1-recall@k against the ground truth, QPS (all queries in one batch)
+   and per-query latency p50/p99; stop once recall reaches 1;
+5) the chosen setting is the cheapest reaching `min_recall`; with qrels, nDCG@10, MRR@10 and
+   Recall@100 under exact and ANN search, their change (ANN minus exact) and the queries hurt most;
+6) `write_ann_report` writes ann.json, summary.md and the recall-QPS curve (recall_qps.png).
+
+`ann_check` wraps it for files: a BEIR corpus/queries/qrels encoded through the embedding store,
+or a precompute output directory. `ann_search` is the drop-in for exact_search that
+`evaluate_retrieval(index=...)` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evalkit._imports import require
+from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError
+from evalkit.index import (
+    EmbeddingIndex,
+    build_index,
+    check_k,
+    load_index,
+    parameter_grid,
+    set_search_params,
+)
+
+log = logging.getLogger(__name__)
+
+TIE_MARGIN = 16  # extra exact ranks kept so neighbours tied with the k-th count as found
+DEFAULT_TARGET = 0.95  # chosen setting when no --min-recall is given
+QRELS_K = 100
+_SCORES = {"cosine": "cosine", "dot": "dot", "l2": "euclidean"}
+
+Blocks = Callable[[], Iterator[tuple[Any, np.ndarray]]]
+
+
+def check_min_recall(min_recall: float | None) -> float | None:
+    """A recall target must lie in (0, 1]."""
+    if min_recall is None:
+        return None
+    try:
+        value = float(min_recall)
+    except (TypeError, ValueError):
+        raise EvalkitError(f"min_recall must be a number in (0, 1]; got {min_recall!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise EvalkitError(
+            f"min_recall must be in (0, 1] (a fraction of the exact top-k, e.g. 0.9); got {min_recall!r}"
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def exact_ground_truth(
+    queries: np.ndarray, blocks: Iterable[tuple[Any, np.ndarray]], k: int, *, metric: str = "cosine"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (scores, ids) over streamed (ids, vectors) blocks, ties by ascending id."""
+    from evalkit.search import exact_search
+
+    return exact_search(np.asarray(queries, dtype=np.float32), blocks, k, score=_SCORES[metric])
+
+
+def recall_at_k(
+    ann_pos: np.ndarray, gt_pos: np.ndarray, gt_scores: np.ndarray, k: int, *, tol: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query (k-recall@k, 1-recall@k).
+
+    k-recall@k = |ANN top-k ∩ exact top-k| / k; 1-recall@k = 1 if the exact nearest neighbour is
+    in the ANN top-k. A corpus row whose exact score ties the k-th (resp. first) score within
+    `tol` counts as a true neighbour, so duplicates in the corpus do not look like misses.
+    """
+    n = len(ann_pos)
+    k_recall = np.zeros(n)
+    one_recall = np.zeros(n)
+    for i in range(n):
+        found = ann_pos[i, :k]
+        found = found[found >= 0]
+        row_s, row_p = gt_scores[i], gt_pos[i]
+        valid = row_p >= 0
+        kth = row_s[min(k, int(valid.sum())) - 1]
+        truth = row_p[valid & (row_s >= kth - tol * max(1.0, abs(kth)))]
+        k_recall[i] = min(k, np.isin(found, truth).sum()) / k
+        best = row_p[valid & (row_s >= row_s[0] - tol * max(1.0, abs(row_s[0])))]
+        one_recall[i] = float(np.isin(found, best).any())
+    return k_recall, one_recall
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_search(
+    index: EmbeddingIndex,
+    queries: np.ndarray,
+    k: int,
+    params: dict[str, int] | None,
+    *,
+    min_seconds: float = 0.5,
+    max_repeats: int = 5,
+    latency_queries: int = 200,
+) -> dict[str, Any]:
+    """Batch QPS (all queries in one call on all threads; best of repeats until min_seconds) and
+    single-query latency percentiles (one thread, first `latency_queries` queries)."""
+    index.set_params(params)
+    index.search(queries[: min(len(queries), 16)], k)  # warm-up: page in a memory-mapped index
+    best, spent, repeats, result = math.inf, 0.0, 0, None
+    while repeats < max_repeats and (repeats == 0 or spent < min_seconds):
+        t = time.perf_counter()
+        result = index.search(queries, k)
+        elapsed = time.perf_counter() - t
+        best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
+    lat = []
+    faiss = require("faiss", extra="faiss", package="faiss-cpu")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one query, one thread: as a serving process would run it
+    try:
+        for i in range(min(latency_queries, len(queries))):
+            t = time.perf_counter()
+            index.search(queries[i : i + 1], k)
+            lat.append(time.perf_counter() - t)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    lat_ms = np.array(lat) * 1e3
+    return {
+        "scores": result[0],
+        "positions": result[1],
+        "qps": len(queries) / best if best > 0 else math.inf,
+        "batch_seconds": best,
+        "latency_ms_p50": float(np.percentile(lat_ms, 50)) if len(lat_ms) else None,
+        "latency_ms_p99": float(np.percentile(lat_ms, 99)) if len(lat_ms) else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def _held_out(blocks: Blocks, holdout: np.ndarray | None) -> tuple[Blocks, Blocks]:
+    """Two views of the corpus without the held-out rows: (data ids, vectors) for the index and
+    (position, vectors) for the ground truth, positions counting the kept rows in order."""
+    drop = np.sort(holdout) if holdout is not None and len(holdout) else None
+
+    def kept() -> Iterator[tuple[Any, np.ndarray, int]]:
+        row = 0
+        for ids, vectors in blocks():
+            v = np.asarray(vectors)
+            if drop is not None:
+                keep = ~np.isin(np.arange(row, row + len(v)), drop)
+                row += len(v)
+                if not keep.all():
+                    v = v[keep]
+                    ids = np.asarray(ids, dtype=object if not _is_int(ids) else np.int64)[keep]
+            else:
+                row += len(v)
+            yield ids, v
+
+    def with_positions() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pos = 0
+        for _, v in kept():
+            yield np.arange(pos, pos + len(v), dtype=np.int64), v
+            pos += len(v)
+
+    return (lambda: iter(kept())), with_positions
+
+
+def _is_int(ids: Any) -> bool:
+    arr = np.asarray(ids[:1]) if len(ids) else np.asarray([0])
+    return np.issubdtype(arr.dtype, np.integer)
+
+
+def check_index(
+    blocks: Blocks,
+    queries: np.ndarray,
+    *,
+    query_ids: Sequence[Any] | None = None,
+    qrels: dict[str, dict[str, int]] | None = None,
+    holdout: np.ndarray | None = None,
+    index: str | os.PathLike | EmbeddingIndex | None = None,
+    k: int = 10,
+    min_recall: float | None = None,
+    metric: str = "cosine",
+    memory_budget: str | int = "4G",
+    model_fingerprint: str | None = None,
+    force: bool = False,
+    grid: list[dict[str, int]] | None = None,
+    latency_queries: int = 200,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Compare an ANN index with exact search on `queries` over the corpus `blocks`.
+
+    `blocks()` yields (data ids, vectors); `holdout`: corpus row numbers the queries were drawn
+    from (excluded from the index and the ground truth). `index`: a FAISS factory string, None
+    for the auto choice, a built index directory, or an EmbeddingIndex. Returns the ann.json dict.
+    """
+    target = check_min_recall(min_recall)
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim != 2 or not len(q):
+        raise DataError(f"queries must be a non-empty 2-D array [n, dim]; got shape {q.shape}")
+    if qrels is not None and query_ids is None:
+        raise EvalkitError("qrels need query ids; pass query_ids")
+    index_blocks, gt_blocks = _held_out(blocks, holdout)
+
+    t = time.perf_counter()
+    if isinstance(index, EmbeddingIndex):
+        idx = index
+    elif index is not None and Path(str(index)).is_dir():
+        idx = load_index(index, model_fingerprint=model_fingerprint, force=force)
+        if holdout is not None:
+            raise EvalkitError(
+                "a built index contains every corpus row; give queries, not sampled ones"
+            )
+    else:
+        idx = build_index(
+            index_blocks,
+            spec=None if index is None else str(index),
+            metric=metric,
+            memory_budget=memory_budget,
+            model_fingerprint=model_fingerprint,
+            progress=progress,
+        )
+    build_s = time.perf_counter() - t
+    if idx.dim != q.shape[1]:
+        raise DataError(
+            f"query embeddings have dimension {q.shape[1]} but the index ({idx.spec}) has "
+            f"dimension {idx.dim}; encode queries with the model the index was built from"
+        )
+    if idx.metric != metric:
+        log.warning("index metric is %s; comparing against exact %s search", idx.metric, idx.metric)
+        metric = idx.metric
+    check_k(k, idx.rows)
+    k_eval = min(QRELS_K, idx.rows) if qrels is not None else k
+    k_gt = min(idx.rows, max(k, k_eval) + TIE_MARGIN)
+
+    t = time.perf_counter()
+    gt_scores, gt_pos = exact_ground_truth(q, gt_blocks(), k_gt, metric=metric)
+    exact_s = time.perf_counter() - t
+    gt_rows = int(np.max(gt_pos)) + 1 if gt_pos.size else 0
+    if gt_rows > idx.rows:
+        raise DataError(
+            f"the corpus has more rows ({gt_rows:,}+) than the index ({idx.rows:,}); rebuild it"
+        )
+
+    sweep, chosen, after = [], None, 0
+    for params in grid or parameter_grid(idx.index, k):
+        timing = time_search(idx, q, k, params, latency_queries=latency_queries)
+        kr, one = recall_at_k(timing["positions"], gt_pos, gt_scores, k)
+        row = {
+            "params": dict(params),
+            f"recall@{k}": float(kr.mean()),
+            f"1-recall@{k}": float(one.mean()),
+            **{
+                key: timing[key]
+                for key in ("qps", "batch_seconds", "latency_ms_p50", "latency_ms_p99")
+            },
+        }
+        sweep.append(row)
+        log.info(
+            "%s %s: recall@%d=%.4f qps=%.0f",
+            idx.spec,
+            params or "",
+            k,
+            row[f"recall@{k}"],
+            row["qps"],
+        )
+        if chosen is not None:
+            after += 1
+        elif row[f"recall@{k}"] >= (target or DEFAULT_TARGET):
+            chosen = row
+        # the grid runs cheapest first: two settings past the chosen one show the curve's shape
+        if row[f"recall@{k}"] >= 1.0 - 1e-9 or after >= 2:
+            break
+    reached = chosen is not None
+    if chosen is None:  # nothing reached the target: report the most accurate setting
+        chosen = max(sweep, key=lambda r: (r[f"recall@{k}"], r["qps"]))
+    set_search_params(idx.index, chosen["params"])
+
+    result: dict[str, Any] = {
+        "index": idx.spec,
+        "index_auto": bool(idx.meta.get("auto")),
+        "index_reason": idx.meta.get("choice_reason"),
+        "params": chosen["params"],
+        "k": k,
+        f"recall@{k}": chosen[f"recall@{k}"],
+        f"1-recall@{k}": chosen[f"1-recall@{k}"],
+        "qps": chosen["qps"],
+        "latency_ms_p50": chosen["latency_ms_p50"],
+        "latency_ms_p99": chosen["latency_ms_p99"],
+        "min_recall": target,
+        "target_recall": target or DEFAULT_TARGET,
+        "reached": reached,
+        "passed": reached if target is not None else None,
+        "metric": metric,
+        "rows": idx.rows,
+        "dim": idx.dim,
+        "queries": len(q),
+        "queries_sampled": holdout is not None,
+        "model_fingerprint": model_fingerprint or idx.meta.get("model_fingerprint"),
+        "sweep": sweep,
+        "timings": {
+            "build_s": build_s,
+            "exact_s": exact_s,
+            "exact_qps": len(q) / exact_s if exact_s else None,
+        },
+        "index_meta": {key: v for key, v in idx.meta.items() if key not in ("spec",)},
+    }
+    if qrels is not None:
+        result.update(_metric_deltas(idx, q, list(query_ids), qrels, gt_scores, gt_pos, k_eval))
+    return result
+
+
+def _metric_deltas(idx, q, query_ids, qrels, gt_scores, gt_pos, k_eval) -> dict[str, Any]:
+    """Retrieval metrics with exact and with ANN rankings, their difference, the worst queries."""
+    from evalkit.metrics.retrieval import RetrievalMetrics
+
+    judged = [i for i, qid in enumerate(query_ids) if str(qid) in qrels]
+    if not judged:
+        raise DataError("none of the queries has relevance judgements in the qrels")
+    sub = np.array(judged)
+    ann_scores, ann_pos = idx.search(q[sub], k_eval)
+    runs = {"exact": (gt_scores[sub, :k_eval], gt_pos[sub, :k_eval]), "ann": (ann_scores, ann_pos)}
+    qids = [str(query_ids[i]) for i in judged]
+    values, per_query = {}, {}
+    for name, (scores, pos) in runs.items():
+        metric = RetrievalMetrics(qrels, k_values=(10, k_eval), score_name=idx.metric)
+        ranked = idx.ids_of(pos)
+        ranked_ids = [[str(d) for d in row if d is not None and d != -1] for row in ranked]
+        ranked_scores = [
+            np.asarray(s[: len(r)], dtype=np.float64)
+            for s, r in zip(scores, ranked_ids, strict=True)
+        ]
+        metric.update(qids, ranked_ids, ranked_scores)
+        values[name] = {key: float(v) for key, v in metric.compute().items()}
+        per_query[name] = metric.compute_per_query()
+    wanted = ["ndcg@10", "mrr@10", f"recall@{k_eval}"]
+    keys = [key for key in values["exact"] if key.split("_", 1)[-1] in wanted]
+    deltas = {key: values["ann"][key] - values["exact"][key] for key in keys}
+    ndcg_key = next((key for key in keys if key.endswith("ndcg@10")), None)
+    worst = []
+    if ndcg_key is not None:
+        e, a = (
+            _per_query_values(per_query["exact"], ndcg_key),
+            _per_query_values(per_query["ann"], ndcg_key),
+        )
+        rows = sorted(
+            ((a.get(qid, 0.0) - v, qid, v) for qid, v in e.items()), key=lambda r: (r[0], r[1])
+        )
+        worst = [
+            {"query_id": qid, f"exact_{ndcg_key}": v, f"ann_{ndcg_key}": v + d, "delta": d}
+            for d, qid, v in rows[:10]
+            if d < 0
+        ]
+    return {
+        "metrics_exact": {key: values["exact"][key] for key in keys},
+        "metrics_ann": {key: values["ann"][key] for key in keys},
+        "metric_deltas": deltas,
+        "worst_queries": worst,
+        "judged_queries": len(judged),
+    }
+
+
+def _per_query_values(per_query: Any, key: str) -> dict[str, float]:
+    """{query id: value} of one metric from RetrievalMetrics.compute_per_query()."""
+    short = key.split("_", 1)[-1]
+    if isinstance(per_query, dict) and (key in per_query or short in per_query):
+        col = per_query.get(key, per_query.get(short))
+        return {str(qid): float(v) for qid, v in col.items()}
+    out = {}
+    for qid, vals in dict(per_query).items():
+        v = vals.get(key, vals.get(short))
+        if v is not None:
+            out[str(qid)] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- files in, report out
+
+
+def _memmap_corpus(
+    corpus: Any, encoder: Any, scratch: Path, block: int, progress: bool, **source_options
+):
+    """Encode the corpus once (through the store) into a memory-mapped scratch .npy; returns
+    (ids as a numpy object array, the memmap)."""
+    from evalkit import beir
+
+    ids = beir.corpus_ids(corpus, **source_options)
+    if not len(ids):
+        raise DataError(f"corpus {corpus} has no documents")
+    mm, row = None, 0
+    bar = _bar(progress, len(ids), "encoding corpus")
+    for _, texts in beir.iter_corpus(corpus, batch_size=block, **source_options):
+        emb = encoder(texts)
+        if mm is None:
+            path = scratch / "corpus_embeddings.npy"
+            mm = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float32, shape=(len(ids), emb.shape[1])
+            )
+        mm[row : row + len(emb)] = emb
+        row += len(emb)
+        bar.update(len(emb))
+    bar.close()
+    mm.flush()
+    return ids.to_numpy(zero_copy_only=False), mm
+
+
+def _bar(enabled: bool, total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="rows", unit_scale=True, disable=not enabled, leave=False
+    )
+
+
+def ann_check(
+    corpus: str | os.PathLike | None = None,
+    queries: str | os.PathLike | None = None,
+    qrels: str | os.PathLike | None = None,
+    *,
+    embeddings: str | os.PathLike | None = None,
+    index: str | os.PathLike | None = None,
+    k: int = 10,
+    min_recall: float | None = None,
+    n_queries: int = 1000,
+    model: Any = None,
+    cache: Any = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    memory_budget: str | int = "4G",
+    metric: str = "cosine",
+    force: bool = False,
+    seed: int = 0,
+    corpus_block: int = 16_384,
+    latency_queries: int = 200,
+    out: str | os.PathLike | None = None,
+    plots: bool = True,
+    progress: bool = True,
+    **source_options: Any,
+) -> dict[str, Any]:
+    """`evalkit ann-check`: compare an index with exact search on a corpus file (BEIR corpus.jsonl
+    or a table with _id/text, encoded through the store) or a precompute output directory
+    (`embeddings`). Queries come from `queries` (with optional `qrels`) or are `n_queries` corpus
+    rows held out. Writes OUT/ann.json, OUT/summary.md, OUT/recall_qps.png. See check_index."""
+    import tempfile
+
+    from evalkit import beir
+
+    check_min_recall(min_recall)
+    if (corpus is None) == (embeddings is None):
+        raise EvalkitError("give exactly one of --corpus FILE or --embeddings DIR")
+    if qrels is not None and queries is None:
+        raise EvalkitError("--qrels needs --queries (the qrels judge those queries)")
+    if not isinstance(k, int) or k <= 0:
+        raise EvalkitError(f"k must be a positive integer; got {k!r}")
+    if queries is None and n_queries <= 0:
+        raise EvalkitError(f"n_queries must be a positive integer; got {n_queries!r}")
+    judged = beir.load_qrels(qrels) if qrels is not None else None
+    qids, qtexts = beir.load_queries(queries) if queries is not None else (None, None)
+    if judged is not None:
+        keep = [i for i, qid in enumerate(qids) if qid in judged]
+        qids, qtexts = [qids[i] for i in keep], [qtexts[i] for i in keep]
+        if not qids:
+            raise DataError(
+                f"no query in {queries} is judged in {qrels}; are they from the same dataset?"
+            )
+
+    encoder, fingerprint = None, None
+    if corpus is not None or queries is not None:
+        from evalkit.encode import encode_texts
+        from evalkit.fingerprint import model_fingerprint
+        from evalkit.models import load_model
+
+        st_model = (
+            load_model(model, device=device)
+            if model is None or isinstance(model, str | os.PathLike)
+            else model
+        )
+        store = None if cache is False else _open_store(cache)
+        fingerprint = model_fingerprint(st_model)
+
+        def encoder(texts):
+            res = encode_texts(
+                list(texts), st_model, store=store, batch_size=batch_size, device=device
+            )
+            return np.asarray(res.embeddings, dtype=np.float32)
+
+    with tempfile.TemporaryDirectory(
+        prefix="evalkit-ann-", dir=out if out and Path(out).is_dir() else None
+    ) as scratch:
+        if embeddings is not None:
+            from evalkit.precompute import iter_embeddings, load_manifest
+
+            manifest = load_manifest(embeddings)
+            built_with = manifest.get("model_fingerprint")
+            if fingerprint and built_with and fingerprint != built_with:
+                msg = (
+                    f"embeddings in {embeddings} were made by model {built_with[:12]}..., but queries "
+                    f"would be encoded by {fingerprint[:12]}...; use the same --model, or --force"
+                )
+                if not force:
+                    raise FingerprintMismatchError(msg)
+                log.warning("%s (forced)", msg)
+            fingerprint = built_with or fingerprint
+            n_rows = int(manifest["rows"])
+
+            def blocks():
+                return iter(iter_embeddings(embeddings))
+        else:
+            ids, mm = _memmap_corpus(
+                corpus, encoder, Path(scratch), corpus_block, progress, **source_options
+            )
+            n_rows = len(mm)
+
+            def blocks():
+                for s in range(0, n_rows, corpus_block):
+                    yield ids[s : s + corpus_block], mm[s : s + corpus_block]
+
+        holdout, sample_ids = None, None
+        if queries is None:
+            if n_rows < 2:
+                raise DataError("the corpus needs at least 2 rows to hold out queries")
+            n_q = min(n_queries, n_rows // 2)
+            holdout = np.sort(np.random.default_rng(seed).choice(n_rows, n_q, replace=False))
+            q_emb, sample_ids = _gather(blocks, holdout)
+        else:
+            q_emb = encoder(qtexts)
+        result = check_index(
+            blocks,
+            q_emb,
+            query_ids=qids if qids is not None else sample_ids,
+            qrels=judged,
+            holdout=holdout,
+            index=index,
+            k=k,
+            min_recall=min_recall,
+            metric=metric,
+            memory_budget=memory_budget,
+            model_fingerprint=fingerprint,
+            force=force,
+            latency_queries=latency_queries,
+            progress=progress,
+        )
+    result["data"] = {
+        "corpus": str(corpus) if corpus is not None else None,
+        "embeddings": str(embeddings) if embeddings is not None else None,
+        "queries": str(queries) if queries is not None else None,
+        "qrels": str(qrels) if qrels is not None else None,
+    }
+    if out is not None:
+        write_ann_report(result, out, plots=plots)
+    return result
+
+
+def _open_store(cache: Any):
+    from evalkit.store import EmbeddingStore, default_cache_dir
+
+    return (
+        cache if isinstance(cache, EmbeddingStore) else EmbeddingStore(cache or default_cache_dir())
+    )
+
+
+def _gather(blocks: Blocks, rows: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """The vectors and ids of the given (sorted) corpus rows, in one pass."""
+    vecs, ids, row = [], [], 0
+    for block_ids, v in blocks():
+        v = np.asarray(v)
+        lo, hi = np.searchsorted(rows, [row, row + len(v)])
+        if hi > lo:
+            local = rows[lo:hi] - row
+            vecs.append(np.array(v[local], dtype=np.float32))
+            ids.extend(np.asarray(block_ids, dtype=object)[local].tolist())
+        row += len(v)
+    return np.concatenate(vecs), ids
+
+
+def ann_search(
+    query_emb: np.ndarray,
+    corpus_blocks: Blocks | Iterable[tuple[Any, np.ndarray]],
+    k: int,
+    *,
+    index: str | os.PathLike | EmbeddingIndex | None = None,
+    score: str = "cosine",
+    params: dict[str, int] | None = None,
+    memory_budget: str | int = "4G",
+    model_fingerprint: str | None = None,
+    force: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop-in for `exact_search` that searches an ANN index instead: (scores [nq, k], ids [nq, k]).
+
+    `index`: a FAISS factory string or None (auto) — built over `corpus_blocks` (a callable that
+    reopens the (ids, vectors) stream is read twice when the index needs training; an iterator
+    once) with the blocks' ids —, or a built index directory / EmbeddingIndex, whose stored ids
+    are returned. Missing results (fewer than k found) have id -1 (integer ids) or None.
+    """
+    metric = {"cosine": "cosine", "dot": "dot", "euclidean": "l2", "l2": "l2"}.get(score)
+    if metric is None:
+        raise EvalkitError(f"an ANN index supports cosine, dot and euclidean scores; got {score!r}")
+    if isinstance(index, EmbeddingIndex):
+        idx = index
+    elif index is not None and Path(str(index)).is_dir():
+        idx = load_index(index, model_fingerprint=model_fingerprint, force=force)
+    else:
+        idx = build_index(
+            corpus_blocks,
+            spec=None if index is None else str(index),
+            metric=metric,
+            memory_budget=memory_budget,
+            model_fingerprint=model_fingerprint,
+        )
+    scores, positions = idx.search(query_emb, k, params=params)
+    return scores, idx.ids_of(positions)
+
+
+def _fmt_params(params: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def format_ann_summary(result: dict[str, Any]) -> str:
+    """The few lines `evalkit ann-check` prints."""
+    k = result["k"]
+    lines = [
+        f"index {result['index']} over {result['rows']:,} rows x {result['dim']} ({result['metric']}), "
+        f"{result['queries']:,} {'held-out sampled' if result['queries_sampled'] else 'given'} queries"
+    ]
+    if result.get("index_auto"):
+        lines.append(f"  auto choice: {result['index_reason']}")
+    for row in result["sweep"]:
+        lines.append(
+            f"  {_fmt_params(row['params']):>14}  recall@{k} {row[f'recall@{k}']:.4f}  "
+            f"1-recall@{k} {row[f'1-recall@{k}']:.4f}  {row['qps']:>10,.0f} QPS  "
+            f"p50 {row['latency_ms_p50']:.2f} ms  p99 {row['latency_ms_p99']:.2f} ms"
+        )
+    t = result["target_recall"]
+    verdict = "reached" if result["reached"] else "NOT reached by any setting"
+    lines.append(
+        f"chosen {_fmt_params(result['params'])}: recall@{k}={result[f'recall@{k}']:.4f} "
+        f"qps={result['qps']:,.0f} (target recall@{k} >= {t}: {verdict}; exact search: "
+        f"{result['timings']['exact_qps'] or 0:,.0f} QPS streamed)"
+    )
+    if result.get("metric_deltas"):
+        deltas = ", ".join(f"{key} {v:+.4f}" for key, v in result["metric_deltas"].items())
+        lines.append(
+            f"metric change, ANN minus exact ({result['judged_queries']} judged queries): {deltas}"
+        )
+        for w in result.get("worst_queries", [])[:3]:
+            lines.append(f"  worst: query {w['query_id']} nDCG@10 {w['delta']:+.4f}")
+    return "\n".join(lines)
+
+
+def write_ann_report(result: dict[str, Any], out: str | os.PathLike, *, plots: bool = True) -> Path:
+    """OUT/ann.json, OUT/summary.md and (plots) OUT/recall_qps.png, each written atomically."""
+    from evalkit.report import write_json_atomic, write_text_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        png = plot_recall_qps(result, out / "recall_qps.png")
+        result["plots"] = [str(png)] if png else []
+    k = result["k"]
+    md = [f"# ANN check: {result['index']}", "", "```", format_ann_summary(result), "```", ""]
+    md += [
+        f"| setting | recall@{k} | 1-recall@{k} | QPS | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["sweep"]:
+        md.append(
+            f"| {_fmt_params(r['params'])} | {r[f'recall@{k}']:.4f} | {r[f'1-recall@{k}']:.4f} | "
+            f"{r['qps']:,.0f} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} |"
+        )
+    if result.get("metric_deltas"):
+        md += ["", "| metric | exact | ANN | ANN - exact |", "|---|---|---|---|"]
+        for key, d in result["metric_deltas"].items():
+            md.append(
+                f"| {key} | {result['metrics_exact'][key]:.5f} | {result['metrics_ann'][key]:.5f} | {d:+.5f} |"
+            )
+    if result.get("worst_queries"):
+        md += ["", "Queries whose nDCG@10 dropped most:", "", "| query | delta |", "|---|---|"]
+        md += [f"| {w['query_id']} | {w['delta']:+.4f} |" for w in result["worst_queries"]]
+    write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
+    write_json_atomic(out / "ann.json", result)
+    return out
+
+
+def plot_recall_qps(result: dict[str, Any], path: Path) -> Path | None:
+    """Recall@k (x) against QPS (y, log scale) over the sweep, the target as a vertical line."""
+    from evalkit.report import _pyplot, _save
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    k, sweep = result["k"], result["sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r[f"recall@{k}"] for r in sweep]
+    y = [r["qps"] for r in sweep]
+    ax.plot(x, y, "o-", label=result["index"])
+    for r, xi, yi in zip(sweep, x, y, strict=True):
+        ax.annotate(
+            _fmt_params(r["params"]),
+            (xi, yi),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.axvline(
+        result["target_recall"],
+        color="grey",
+        linestyle="--",
+        label=f"target {result['target_recall']}",
+    )
+    ax.set_xlabel(f"recall@{k} (vs exact search)")
+    ax.set_ylabel("queries per second")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['index']}: recall-QPS over {result['rows']:,} rows")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def build_corpus_index(
+    corpus: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    spec: str | None = None,
+    model: Any = None,
+    cache: Any = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    memory_budget: str | int = "4G",
+    metric: str = "cosine",
+    corpus_block: int = 16_384,
+    progress: bool = True,
+    **source_options: Any,
+) -> EmbeddingIndex:
+    """`evalkit index build --corpus F`: encode a corpus through the store into a memory-mapped
+    scratch file, then build and save the index (ids = the corpus ids, fingerprint = the model's)."""
+    import tempfile
+
+    from evalkit.encode import encode_texts
+    from evalkit.fingerprint import model_fingerprint
+    from evalkit.models import load_model
+
+    st_model = (
+        load_model(model, device=device)
+        if model is None or isinstance(model, str | os.PathLike)
+        else model
+    )
+    store = None if cache is False else _open_store(cache)
+
+    def encoder(texts):
+        res = encode_texts(list(texts), st_model, store=store, batch_size=batch_size, device=device)
+        return np.asarray(res.embeddings, dtype=np.float32)
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".evalkit-index-", dir=out) as scratch:
+        ids, mm = _memmap_corpus(
+            corpus, encoder, Path(scratch), corpus_block, progress, **source_options
+        )
+        return build_index(
+            mm,
+            ids=ids,
+            spec=spec,
+            metric=metric,
+            memory_budget=memory_budget,
+            model_fingerprint=model_fingerprint(st_model),
+            out=out,
+            progress=progress,
+        )
