@@ -63,6 +63,25 @@ class Opened:
     kind: str  # parquet, csv, tsv, json, orc, ipc, memory or reader
     local: bool = True
     rows_hint: int | None = None
+    header_lines: int = 0  # per file, for estimating the rows of CSV/TSV/JSON Lines
+
+    def estimate_rows(self, sample_bytes: int = 4 << 20) -> int | None:
+        """Rows of a local, uncompressed text source, estimated from the line density of a
+        sample of its first file (exact when the files fit in the sample); else None.
+        Counting exactly would cost a parse of the whole input, about as long as converting it."""
+        if not self.local or not isinstance(self.dataset, ds.FileSystemDataset):
+            return None
+        files = self.dataset.files
+        if any(_extension(f) != f.rsplit(".", 1)[-1].lower() for f in files):
+            return None  # compressed
+        sizes = [os.path.getsize(f) for f in files]
+        with open(files[0], "rb") as fh:
+            sample = fh.read(sample_bytes)
+        lines = sample.count(b"\n") + (0 if sample.endswith(b"\n") or not sample else 1)
+        if sum(sizes) <= len(sample):
+            return max(lines - self.header_lines, 0)
+        total = sum(sizes) * lines / max(len(sample), 1)
+        return max(int(total) - self.header_lines * len(files), 0)
 
     @property
     def schema(self) -> pa.Schema:
@@ -139,8 +158,10 @@ def open_any(
         file_format = _csv_format(kind, column_names, delimiter, quoting)
     elif column_names:
         raise EvalkitError(f"column_names is for CSV/TSV files without a header, not {kind}")
+    elif kind == "parquet":
+        file_format = _parquet_format(local)
     else:
-        file_format = {"parquet": "parquet", "json": ds.JsonFileFormat(), "orc": "orc"}.get(kind)
+        file_format = {"json": ds.JsonFileFormat(), "orc": "orc"}.get(kind)
     try:
         if kind == "ipc":
             dataset = _ipc_dataset(fs, paths, local)
@@ -148,7 +169,8 @@ def open_any(
             dataset = ds.dataset(paths, filesystem=fs, format=file_format)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise DataError(open_error(exc, kind, label)) from exc
-    return Opened(dataset, None, label, kind, local=local)
+    header = 1 if kind in ("csv", "tsv") and column_names is None else 0
+    return Opened(dataset, None, label, kind, local=local, header_lines=header)
 
 
 def _in_memory(dataset: ds.Dataset) -> bool:
@@ -326,6 +348,13 @@ def _format(paths: list[str], format: str | None, label: str) -> str:
 def _kind_of(path: str) -> str | None:
     ext = _extension(path)
     return FORMATS.get(ext) or _EXTRA_EXTENSIONS.get(ext)
+
+
+def _parquet_format(local: bool) -> ds.ParquetFileFormat:
+    """Pre-buffering whole row groups pays on high-latency stores; on local disk it only
+    multiplies RAM (measured: peak RssAnon 500 MB -> 225 MB on a 320 MB file), so it is off."""
+    options = ds.ParquetFragmentScanOptions(pre_buffer=not local)
+    return ds.ParquetFileFormat(default_fragment_scan_options=options)
 
 
 def _csv_format(kind: str, column_names, delimiter, quoting) -> ds.CsvFileFormat:

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 NULL_POLICIES = ("keep", "error", "skip", "empty")
-_BATCH_READAHEAD = 4  # batches decoded ahead of the writer: bounds RAM at ~4 batches per fragment
+_BATCH_READAHEAD = 2  # batches decoded ahead of the writer: bounds RAM (measured below)
 _FRAGMENT_READAHEAD = 1
 
 
@@ -182,6 +182,9 @@ def convert(
                     seen += read
                     rows += batch.num_rows
                     bar.update(read)
+                if bar.total != seen:  # an estimate, or rows a null policy dropped
+                    bar.total = seen
+                    bar.refresh()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
@@ -455,16 +458,17 @@ def _apply_null_policy(
 
 
 def _cheap_total(opened: Opened, scan: _Scan) -> int | None:
-    """Row count for the progress bar when it costs little next to the conversion."""
+    """Row count for the progress bar when it costs little next to the conversion: exact from
+    metadata for Parquet/ORC/Arrow, estimated from a sample for local CSV/TSV/JSON Lines."""
     if opened.dataset is None:
         return opened.rows_hint if scan.filter is None else None
-    if opened.kind in ("parquet", "orc", "ipc", "memory") or (
-        opened.kind in ("csv", "tsv") and scan.filter is None and opened.local
-    ):
-        try:
+    try:
+        if opened.kind in ("parquet", "orc", "ipc", "memory"):
             return opened.dataset.count_rows(filter=scan.filter)
-        except (pa.ArrowException, OSError):
-            return None  # the conversion itself will report the problem
+        if opened.kind in ("csv", "tsv", "json") and scan.filter is None:
+            return opened.estimate_rows()
+    except (pa.ArrowException, OSError):
+        pass  # the conversion itself will report the problem
     return None
 
 
