@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="rows per random batch")
     ap.add_argument("--batches", type=int, default=3000, help="random batches timed per reader")
     ap.add_argument("--list-rows", type=int, default=1_000_000, help="rows in the in-memory list")
+    ap.add_argument("--row-group", type=int, default=65_536, help="rows per Parquet row group")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--glosses", type=Path, default=GLOSSES, help="WordNet glosses TSV")
     args = ap.parse_args(argv)
@@ -168,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glosses: {len(glosses):,} real WordNet 3.0 glosses from {args.glosses}")
         source = work / "pairs.parquet"
         t0 = time.perf_counter()
-        rows = write_source(glosses, source, args.size_gb, args.seed, chunk=262_144)
+        rows = write_source(glosses, source, args.size_gb, args.seed, chunk=args.row_group)
         print(
             f"source: {rows:,} rows -> {source.name} ({source.stat().st_size / 1e9:.2f} GB parquet)"
             f" in {time.perf_counter() - t0:.1f} s"
         )
         del glosses
+        pa.default_memory_pool().release_unused()
 
         dest = work / "pairs.arrow"
         base = rss_anon_mb()
@@ -190,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         stream = work / "pairs.stream.arrow"
         write_stream_copy(dest, stream)
+        pa.default_memory_pool().release_unused()
 
+        before_read = rss_anon_mb()
         rng = np.random.default_rng(args.seed + 1)
         batches = [rng.integers(0, rows, args.batch) for _ in range(args.batches)]
         ds = PairDataset(dest, ["sentence1", "sentence2"], "score", as_dict=True)
         assert len(ds) == rows
-        before_read = rss_anon_mb()
         ek_rate = time_batches(ds.__getitems__, batches)
         ek_cols = time_batches(ds.texts_batch, batches)
         ds_stream = PairDataset(stream, ["sentence1", "sentence2"], "score", as_dict=True)
@@ -223,16 +226,16 @@ def main(argv: list[str] | None = None) -> int:
                     seen += len(ds.__getitems__(ids[k : k + args.batch]))
         pass_secs = time.perf_counter() - t0
         pass_after = rss_anon_mb()
-        read_growth = max(pass_peak.peak, pass_after) - base
+        read_growth = max(pass_peak.peak, pass_after) - before_read
         print(
             f"full random pass: {seen:,} rows in {pass_secs:.1f} s = {seen / pass_secs:,.0f} rows/s; "
             f"RssAnon {pass_before:.0f} MB before, {pass_after:.0f} MB after, peak {pass_peak.peak:.0f} MB; "
             f"arrow allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
         )
         print(
-            f"RssAnon growth from before conversion: converting {conv_growth:.0f} MB, "
-            f"reading {read_growth:.0f} MB (datasets not yet imported; reading started at "
-            f"{before_read:.0f} MB)"
+            f"RssAnon growth: converting {conv_growth:.0f} MB (peak minus {base:.0f} MB before); "
+            f"opening + reading every row {read_growth:.0f} MB (peak minus {before_read:.0f} MB "
+            "before opening; datasets not yet imported)"
         )
 
         import datasets
