@@ -354,3 +354,54 @@ def write_report(result: dict[str, Any], out: str | os.PathLike) -> dict[str, An
     write_json_atomic(out / "metrics.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
     return result
+
+
+# ------------------------------------------------------------------------------ job endings
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers (read from metadata: no imports)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("evalkit", "sentence-transformers", "transformers", "torch", "numpy", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def pair_plots(
+    hist: ScoreHistogram, out: str | os.PathLike, *, task: str, name: str, ap: float | None = None
+) -> list[str]:
+    """score_distribution.png (and precision_recall.png for classification) in `out`."""
+    out = Path(out)
+    paths = [
+        plot_score_distribution(
+            hist, out / "score_distribution.png", title=f"cosine by label: {name}"
+        )
+    ]
+    if task == "classification":
+        paths.append(
+            plot_precision_recall(
+                hist, out / "precision_recall.png", title=f"precision-recall: {name}", ap=ap
+            )
+        )
+    return [str(p) for p in paths if p is not None]
+
+
+def retrieval_plots(
+    curve: np.ndarray, out: str | os.PathLike, *, dialect: str, marks: Mapping[int, float]
+) -> list[str]:
+    """recall_at_k.png in `out`."""
+    path = plot_recall_at_k(
+        curve, Path(out) / "recall_at_k.png", title=f"recall@k ({dialect})", marks=marks
+    )
+    return [str(path)] if path is not None else []
+
+
+def finish(result: dict[str, Any], out: str | os.PathLike | None) -> dict[str, Any]:
+    """Write the report files when `out` is given; return the result (with "out" set)."""
+    return result if out is None else write_report(result, out)
