@@ -289,8 +289,12 @@ def fit(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # Sentence-transformers models routinely hold weights no loss reaches (a BERT pooler under
+        # mean pooling), and losses call the model once per text column: DDP must find the unused.
         wrapped = DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=True,
         )
         _put_model_in_loss(loss, wrapped, model)
     cached = bool(getattr(loss, "uses_gradient_cache", False)) or hasattr(loss, "forward_cached")
