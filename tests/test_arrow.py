@@ -322,3 +322,34 @@ def test_mrpc_tsv_with_bom_and_no_quoting(tmp_path, shared_data):
     with open(src, newline="", encoding="utf-8-sig") as fh:
         lines = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     assert got.column("#1 String").to_pylist() == [line[3] for line in lines[1:]]
+
+
+def test_reading_and_converting_hold_a_bounded_number_of_batches(tmp_path):
+    """Arrow-allocated memory (pyarrow's pool) stays at a few batches, far below the data size."""
+    rows, block = 600_000, 4096
+    text = pa.array([f"a sentence long enough to weigh something {i}" for i in range(rows)])
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": text})
+    src = tmp_path / "big.parquet"
+    pq.write_table(table, src, row_group_size=block)
+    size = table.nbytes  # 40 MB
+    del table, text
+    base, peak, read = pa.total_allocated_bytes(), 0, 0
+    for batch in arrow.iter_batches(src, batch_size=block):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        read += batch.num_rows
+    assert read == rows and peak < size / 5, (peak, size)  # measured: 3-5 MB
+    del batch
+
+    base, peak = pa.total_allocated_bytes(), 0
+
+    def generate():
+        nonlocal peak
+        for start in range(0, rows, block):
+            ids = pa.array(range(start, min(start + block, rows)), pa.int64())
+            peak = max(peak, pa.total_allocated_bytes() - base)
+            yield pa.record_batch({"id": ids, "text": pc.cast(ids, pa.string())})
+
+    schema = pa.schema({"id": pa.int64(), "text": pa.string()})
+    reader = pa.RecordBatchReader.from_batches(schema, generate())
+    result = arrow.convert(reader, tmp_path / "out.arrow", on_null="error", progress=False)
+    assert result.rows == rows and peak < result.bytes / 8, (peak, result.bytes)  # measured: <1 MB
