@@ -140,7 +140,8 @@ def convert(
     """Stream `source` (anything `open_source` takes) into the Arrow IPC file `dest`, atomically.
 
     `columns` selects source columns, `rename` maps source names to output names, `filter` keeps
-    the rows that match (source names; expression, "COL OP VALUE" string, or a list). `on_null`
+    the rows that match (an expression on source names, or "COL OP VALUE" strings on source or
+    output names; a list must all hold). `on_null`
     says what a null in a text column does: "keep" it, raise an "error" naming the row and
     column, "skip" the row, or replace it with "empty" text. Text columns are `text_columns`
     (output or source names; each must hold strings) or, by default, every string column.
@@ -155,7 +156,8 @@ def convert(
         raise EvalkitError(f"DEST must be a local path; got {dest}")
     started = time.perf_counter()
     opened = open_any(source, **source_options)
-    scan = _Scan(opened, columns, filter, batch_size)
+    aliases = {new: old for old, new in _pairs(rename)}
+    scan = _Scan(opened, columns, filter, batch_size, aliases)
     names = _output_names(scan.schema.names, rename, opened)
     renamed = _renamed(scan.schema, names)
     texts = _text_columns(renamed, text_columns, rename)
@@ -222,7 +224,9 @@ def parse_filter(text: str, *, schema: pa.Schema | None = None) -> pc.Expression
     return _parse_filter(text, schema, "the data")
 
 
-def _parse_filter(text: str, schema: pa.Schema | None, label: str) -> pc.Expression:
+def _parse_filter(
+    text: str, schema: pa.Schema | None, label: str, aliases: Mapping[str, str] | None = None
+) -> pc.Expression:
     match = _FILTER_RE.match(text or "")
     if not match or not match["val"]:
         raise EvalkitError(
@@ -232,6 +236,8 @@ def _parse_filter(text: str, schema: pa.Schema | None, label: str) -> pc.Express
     col, op, raw = match["col"], match["op"], match["val"]
     if col[0] in "`\"'" and col[-1] == col[0]:
         col = col[1:-1]
+    if schema is not None and col not in schema.names and aliases and col in aliases:
+        col = aliases[col]  # an output name given by rename
     ref = pc.field(col)
     target = None
     if schema is not None:
@@ -281,10 +287,12 @@ def open_ipc(path: str | os.PathLike[str]) -> pa.Table:
 class _Scan:
     """A validated scan plan: output schema known, batches produced lazily in input order."""
 
-    def __init__(self, opened: Opened, columns: Any, filter: Any, batch_size: int) -> None:
+    def __init__(
+        self, opened: Opened, columns: Any, filter: Any, batch_size: int, aliases: Any = None
+    ) -> None:
         self.opened = opened
         self.columns = _check_columns(columns, opened)
-        self.filter = _combine_filters(filter, opened)
+        self.filter = _combine_filters(filter, opened, aliases)
         self.batch_size = batch_size
         kwargs = {"columns": self.columns, "filter": self.filter, "batch_size": batch_size}
         if opened.dataset is not None:
@@ -355,14 +363,14 @@ def _check_columns(columns: Any, opened: Opened) -> list[str] | None:
     return columns
 
 
-def _combine_filters(filter: Any, opened: Opened) -> pc.Expression | None:
+def _combine_filters(filter: Any, opened: Opened, aliases: Any = None) -> pc.Expression | None:
     if filter is None:
         return None
     items = [filter] if isinstance(filter, (str, pc.Expression)) else list(filter)
     exprs = []
     for item in items:
         if isinstance(item, str):
-            item = _parse_filter(item, opened.schema, opened.label)
+            item = _parse_filter(item, opened.schema, opened.label, aliases)
         elif not isinstance(item, pc.Expression):
             raise EvalkitError(f"filter must be a pyarrow expression or a string; got {item!r}")
         exprs.append(item)
@@ -377,9 +385,8 @@ def _combine_filters(filter: Any, opened: Opened) -> pc.Expression | None:
 def _output_names(names: list[str], rename: Any, opened: Opened) -> list[str] | None:
     if not rename:
         return None
-    pairs = list(rename.items()) if isinstance(rename, Mapping) else [tuple(p) for p in rename]
     mapping = {}
-    for old, new in pairs:
+    for old, new in _pairs(rename):
         if old not in names:
             raise DataError(missing_column(old, opened.label, names))
         mapping[old] = new
@@ -398,6 +405,12 @@ def _renamed(schema: pa.Schema, names: list[str] | None) -> pa.Schema:
     )
 
 
+def _pairs(rename: Any) -> list[tuple[str, str]]:
+    if not rename:
+        return []
+    return list(rename.items()) if isinstance(rename, Mapping) else [tuple(p) for p in rename]
+
+
 def _is_text(dtype: pa.DataType) -> bool:
     return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or dtype == pa.string_view()
 
@@ -407,7 +420,7 @@ def _text_columns(schema: pa.Schema, text_columns: Any, rename: Any) -> list[str
         return [f.name for f in schema if _is_text(f.type)]
     if isinstance(text_columns, str):
         text_columns = [c.strip() for c in text_columns.split(",")]
-    renamed = dict(rename.items() if isinstance(rename, Mapping) else rename or [])
+    renamed = dict(_pairs(rename))
     out = []
     for col in text_columns:
         name = col if col in schema.names else renamed.get(col, col)

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         metavar="'COL OP VALUE'",
         help=(
-            "keep rows where COL OP VALUE holds (source column names; OP: == != < <= > >=; "
+            "keep rows where COL OP VALUE holds (source or renamed column; OP: == != < <= > >=; "
             "quote text values that look like numbers; repeat to require several)"
         ),
     )
