@@ -45,7 +45,8 @@ DISTANCES = ("euclidean", "manhattan")  # reported (thresholds) as positive dist
 def pair_scores(
     emb1: np.ndarray, emb2: np.ndarray, names: Sequence[str] = SCORE_NAMES
 ) -> dict[str, np.ndarray]:
-    """Row-wise scores between two embedding matrices, in their float dtype (float32 stays float32).
+    """Row-wise scores between two embedding matrices, accumulated in float64 and returned in the
+    embeddings' float dtype (float32 stays float32), so a pair's score never depends on its batch.
 
     cosine = <a/|a|, b/|b|> (norms clamped at 1e-12), dot = <a, b>, euclidean = -|a - b|_2,
     manhattan = -|a - b|_1: larger always means more similar, as sentence-transformers'
@@ -56,22 +57,23 @@ def pair_scores(
         raise EvalkitError(
             f"emb1 and emb2 must be 2-D arrays of one shape; got {a.shape} and {b.shape}"
         )
-    dtype = np.result_type(a.dtype, np.float32)
-    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    a, b = a.astype(np.float64), b.astype(np.float64)
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name == "cosine":
-            an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), dtype.type(1e-12))
-            bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), dtype.type(1e-12))
-            out[name] = np.einsum("ij,ij->i", an, bn)
+            an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+            bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            values = np.einsum("ij,ij->i", an, bn)
         elif name == "dot":
-            out[name] = np.einsum("ij,ij->i", a, b)
+            values = np.einsum("ij,ij->i", a, b)
         elif name == "euclidean":
-            out[name] = -np.linalg.norm(a - b, axis=1)
+            values = -np.sqrt(np.einsum("ij,ij->i", a - b, a - b))
         elif name == "manhattan":
-            out[name] = -np.abs(a - b).sum(axis=1)
+            values = -np.abs(a - b).sum(axis=1)
         else:
             raise EvalkitError(f"unknown score {name!r}; choose from {', '.join(SCORE_NAMES)}")
+        out[name] = values.astype(dtype)
     return out
 
 
@@ -309,7 +311,7 @@ class ClassificationMetrics(_PairSpill):
         bad = ~np.isin(labels, (0, 1))
         if bad.any():
             i = int(np.argmax(bad))
-            raise EvalkitError(f"labels must be 0 or 1; row {i} has {labels[i]!r}")
+            raise EvalkitError(f"labels must be 0 or 1; row {i} has {labels[i].tolist()!r}")
         checked = _check_scores(scores, len(labels))
         if len(labels) == 0:
             return
@@ -355,6 +357,8 @@ class ClassificationMetrics(_PairSpill):
             cum_tp = tp_run + np.cumsum(labels)
             tp_run = int(cum_tp[-1])
             idx = np.flatnonzero(end)
+            if not len(idx):
+                continue  # one tied group fills the chunk; it ends in a later chunk
             tp = cum_tp[idx]
             cnt = start + idx + 1  # predicted positive (rows up to this cut)
             fp = cnt - tp
