@@ -9,6 +9,8 @@ Algorithm (``exact_search``):
    with ``argpartition``; rows whose k-th score is tied are re-selected by id, so the choice never
    depends on where the block boundaries fall; merge with the running k and re-sort;
 4) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
+Queries are scored QUERY_ROWS at a time against CORPUS_ROWS-row slices of each block, so RAM is
+O(n_queries x k + QUERY_ROWS x CORPUS_ROWS) whatever the corpus and block sizes.
 
 Because every step selects by one total order, the result is identical for any block size.
 Dialects: ``sentence-transformers`` ranks by (-score, id ascending) on the scores as computed;
@@ -26,6 +28,8 @@ from evalkit.errors import EvalkitError
 from evalkit.metrics._rank import TIES, id_key, order_rows, take_rows
 
 DIALECTS = ("sentence-transformers", "trec_eval")
+QUERY_ROWS = 512  # queries scored together
+CORPUS_ROWS = 8192  # corpus rows scored together: work arrays stay ~ 512 x 8192 float64 (32 MiB)
 SCORES = ("cosine", "dot")
 
 
@@ -137,7 +141,9 @@ def exact_search(
     q = q_in.astype(np.float64)
     if score == "cosine":
         q = _normalise(q)
-    top = TopK(len(q), k, ties=ties)
+    # bounded work arrays: query chunks x corpus slices of at most QUERY_ROWS x CORPUS_ROWS scores
+    spans = [(i, min(i + QUERY_ROWS, len(q))) for i in range(0, len(q), QUERY_ROWS)]
+    tops = [TopK(hi - lo, k, ties=ties) for lo, hi in spans]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -151,18 +157,30 @@ def exact_search(
                 f"corpus block must be (ids[n], vectors[n, {q.shape[1]}]); "
                 f"got {len(ids)} ids and vectors {v_in.shape}"
             )
-        out_dtype = np.result_type(q_in.dtype, v_in.dtype, np.float32)
-        v = v_in.astype(np.float64)
-        if score == "cosine":
-            v = _normalise(v)
-        # float64 accumulation, then rounding to the embeddings' dtype: the float32 score is the
-        # correctly rounded exact value, whatever BLAS kernel the block shape picks
-        s = (q @ v.T).astype(np.float32 if dialect == "trec_eval" else out_dtype)
+        out_dtype = (
+            np.float32
+            if dialect == "trec_eval"
+            else np.result_type(q_in.dtype, v_in.dtype, np.float32)
+        )
         if dialect == "trec_eval":
             ids = ids.astype(str)
-        top.update(s, ids)
+        for c0 in range(0, len(v_in), CORPUS_ROWS):
+            v = v_in[c0 : c0 + CORPUS_ROWS].astype(np.float64)
+            if score == "cosine":
+                v = _normalise(v)
+            for (lo, hi), top in zip(spans, tops, strict=True):
+                # float64 accumulation, then rounding to the embeddings' dtype: the float32 score is
+                # the correctly rounded exact value, whatever BLAS kernel the shapes pick
+                top.update((q[lo:hi] @ v.T).astype(out_dtype), ids[c0 : c0 + CORPUS_ROWS])
         if bar is not None:
-            bar.update(len(v))
+            bar.update(len(v_in))
     if bar is not None:
         bar.close()
-    return top.result()
+    if not tops:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+    results = [top.result() for top in tops]
+    width = min(r[0].shape[1] for r in results)
+    return (
+        np.concatenate([r[0][:, :width] for r in results]),
+        np.concatenate([r[1][:, :width] for r in results]),
+    )

@@ -109,3 +109,23 @@ def test_bad_arguments_are_one_clear_error():
         exact_search(np.ones((1, 2)), [], 1, dialect="beir")
     with pytest.raises(EvalkitError, match="corpus block"):
         exact_search(np.ones((1, 2)), [(np.arange(2), np.ones((2, 3)))], 1)
+
+
+def test_query_chunks_and_corpus_slices_do_not_change_the_answer(monkeypatch):
+    import evalkit.search as search
+
+    queries, vectors = _corpus()
+    ids = np.arange(len(vectors))
+    want = exact_search(queries, [(ids, vectors)], 15)
+    monkeypatch.setattr(search, "QUERY_ROWS", 5)  # 12 queries -> 3 chunks
+    monkeypatch.setattr(search, "CORPUS_ROWS", 3)
+    got = exact_search(queries, _blocks(ids, vectors, 64), 15)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empty_corpus_and_no_queries():
+    scores, ids = exact_search(np.ones((3, 4), np.float32), [], 5)
+    assert scores.shape == (3, 0) and ids.shape == (3, 0)
+    scores, ids = exact_search(np.ones((0, 4), np.float32), [(np.arange(2), np.ones((2, 4)))], 5)
+    assert scores.shape[0] == 0
