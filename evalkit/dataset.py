@@ -76,41 +76,43 @@ class _IpcFile:
         self.size = self.buffer.size
         self._reader = None
         self._cache: dict[int, pa.RecordBatch] = {}
-        batches: list[pa.RecordBatch | None] = []
-        head = self.buffer.to_pybytes()[:6] if self.size < 6 else bytes(memoryview(self.buffer)[:6])
+        # A batch that is not a view into the map (a compressed file) is not kept: the file format
+        # re-reads it when needed; the stream format cannot seek, so it keeps it in memory.
+        self._batches: list[pa.RecordBatch | None] = []
+        self.zero_copy: list[bool] = []
+        lengths = []
+        head = bytes(memoryview(self.buffer)[:6])
         try:
             if head == b"ARROW1":
                 self.format = "file"
                 self._reader = pa.ipc.open_file(self.buffer)
                 self.schema = self._reader.schema
-                for i in range(self._reader.num_record_batches):
-                    batches.append(self._reader.get_batch(i))
+                batches = (
+                    self._reader.get_batch(i) for i in range(self._reader.num_record_batches)
+                )
             else:
                 self.format = "stream"
-                reader = pa.ipc.open_stream(self.buffer)
-                self.schema = reader.schema
-                batches.extend(reader)
+                batches = pa.ipc.open_stream(self.buffer)
+                self.schema = batches.schema
             for batch in batches:
                 batch.validate()
+                in_map = self._in_map(batch)
+                lengths.append(batch.num_rows)
+                self.zero_copy.append(in_map)
+                self._batches.append(batch if in_map or self._reader is None else None)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(
                 f"{path} is not a readable Arrow IPC file (file or stream format); it is corrupt or "
                 f"truncated: {str(exc).splitlines()[0]}"
             ) from exc
-        lengths = np.array([b.num_rows for b in batches], dtype=np.int64)
-        self.starts = np.zeros(len(batches), dtype=np.int64)
+        lengths = np.array(lengths, dtype=np.int64)
+        self.starts = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=self.starts[1:])
         self.num_rows = int(lengths.sum())
         self.bytes = np.frombuffer(self.buffer, dtype=np.uint8)
         # A second, Python-level map of the same pages: slicing it gives bytes ready to decode.
         with open(path, "rb") as fh:
             self.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.zero_copy = [self._in_map(b) for b in batches]
-        # A batch that is not a view into the map (compressed file) is re-read when needed, not kept.
-        self._batches = [
-            b if zc or self._reader is None else None
-            for b, zc in zip(batches, self.zero_copy, strict=True)
-        ]
 
     def _in_map(self, batch: pa.RecordBatch) -> bool:
         base = self.buffer.address
@@ -155,11 +157,10 @@ class _Column:
             return
         nb, base = f.num_batches, f.buffer.address
         self.offset = np.zeros(nb, dtype=np.int64)
-        self.valid = np.full(
-            nb, -1, dtype=np.int64
-        )  # file position of the validity bitmap, -1: none
-        self.values = np.zeros(nb, dtype=np.int64)  # offsets (strings) or values buffer
-        self.data = np.zeros(nb, dtype=np.int64)  # string bytes
+        # file positions of each batch's validity bitmap (-1: no nulls), values or offsets, string bytes
+        self.valid = np.full(nb, -1, dtype=np.int64)
+        self.values = np.zeros(nb, dtype=np.int64)
+        self.data = np.zeros(nb, dtype=np.int64)
         for b in range(nb):
             arr = f.batch(b).column(name)
             bufs = arr.buffers()
@@ -173,11 +174,11 @@ class _Column:
         self.may_be_null = bool((self.valid >= 0).any())
         if self.kind == "fixed":
             self.dtype = np.dtype(self.type.to_pandas_dtype())
-            self.start = self.values + self.offset * self.dtype.itemsize  # value of row 0
-        else:
+        elif self.kind != "bool":
             self.dtype = np.dtype(np.int64 if self.kind == "var64" else np.int32)
-            self.start = self.values + self.offset * self.dtype.itemsize  # offset of row 0
             self._pair = np.arange(2 * self.dtype.itemsize, dtype=np.int64)  # offsets i and i + 1
+        if self.kind != "bool":  # file position of row 0's value (fixed) or offset (strings)
+            self.start = self.values + self.offset * self.dtype.itemsize
         self.text = pa.types.is_string(self.type) or pa.types.is_large_string(self.type)
 
     def _bits(self, where: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -131,14 +131,23 @@ def write_stream_copy(src: Path, dest: Path) -> None:
                 writer.write_batch(reader.get_batch(i))
 
 
-def time_batches(fetch, batches: list[np.ndarray]) -> float:
-    """rows/s of fetch(indices) over the given index batches (after a short warm-up)."""
-    for idx in batches[:20]:
-        fetch(idx)
-    t0 = time.perf_counter()
-    for idx in batches:
-        fetch(idx)
-    return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+def time_interleaved(readers: dict, batches: list[np.ndarray], rounds: int = 10) -> dict:
+    """rows/s of each reader over the same index batches, run in alternating rounds so that load from
+    other processes and page-cache state drift alike for every reader. 20 warm-up batches each."""
+    for fetch in readers.values():
+        for idx in batches[:20]:
+            fetch(idx)
+    spent = dict.fromkeys(readers, 0.0)
+    per = max(1, len(batches) // rounds)
+    for start in range(0, len(batches), per):
+        chunk = batches[start : start + per]
+        for name, fetch in readers.items():
+            t0 = time.perf_counter()
+            for idx in chunk:
+                fetch(idx)
+            spent[name] += time.perf_counter() - t0
+    total = sum(len(b) for b in batches)
+    return {name: total / secs for name, secs in spent.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,20 +203,44 @@ def main(argv: list[str] | None = None) -> int:
         write_stream_copy(dest, stream)
         pa.default_memory_pool().release_unused()
 
-        before_read = rss_anon_mb()
+        before_open = rss_anon_mb()
+        ds = PairDataset(dest, ["sentence1", "sentence2"], "score", as_dict=True)
+        ds_stream = PairDataset(stream, ["sentence1", "sentence2"], "score", as_dict=True)
+        assert len(ds) == len(ds_stream) == rows
+        open_growth = rss_anon_mb() - before_open
+
+        import datasets  # after opening ours, so its import does not count as our memory
+
+        hf = datasets.Dataset.from_file(str(stream))
+        assert len(hf) == rows
         rng = np.random.default_rng(args.seed + 1)
         batches = [rng.integers(0, rows, args.batch) for _ in range(args.batches)]
-        ds = PairDataset(dest, ["sentence1", "sentence2"], "score", as_dict=True)
-        assert len(ds) == rows
-        ek_rate = time_batches(ds.__getitems__, batches)
-        ek_cols = time_batches(ds.texts_batch, batches)
-        ds_stream = PairDataset(stream, ["sentence1", "sentence2"], "score", as_dict=True)
-        ek_stream_rate = time_batches(ds_stream.__getitems__, batches)
-        print(f"evalkit PairDataset.__getitems__ (file format, dicts): {ek_rate:,.0f} rows/s")
-        print(f"evalkit PairDataset.texts_batch (columns):             {ek_cols:,.0f} rows/s")
-        print(
-            f"evalkit PairDataset.__getitems__ (stream format):      {ek_stream_rate:,.0f} rows/s"
+        probe = batches[0][:5]
+        assert ds.texts_batch(probe)[0] == [
+            hf[probe.tolist()][c] for c in ("sentence1", "sentence2")
+        ]
+        rates = time_interleaved(
+            {
+                "evalkit": ds.__getitems__,
+                "evalkit_columns": ds.texts_batch,
+                "evalkit_stream": ds_stream.__getitems__,
+                "hf": lambda idx: hf[idx.tolist()],
+            },
+            batches,
         )
+        ek_rate, hf_rate = rates["evalkit"], rates["hf"]
+        b = args.batch
+        print(
+            f"random batches of {b}, {args.batches} batches each, interleaved rounds, same indices:"
+        )
+        print(f"  evalkit PairDataset.__getitems__ (file format, dicts): {ek_rate:,.0f} rows/s")
+        print(
+            f"  evalkit PairDataset.texts_batch (file, column lists):  {rates['evalkit_columns']:,.0f} rows/s"
+        )
+        print(
+            f"  evalkit PairDataset.__getitems__ (stream format):      {rates['evalkit_stream']:,.0f} rows/s"
+        )
+        print(f"  datasets.Dataset.from_file(stream)[list of {b}]:       {hf_rate:,.0f} rows/s")
 
         # full random pass over every row: an affine permutation i -> (a*i + c) mod n, no index array
         n = rows
@@ -226,32 +259,25 @@ def main(argv: list[str] | None = None) -> int:
                     seen += len(ds.__getitems__(ids[k : k + args.batch]))
         pass_secs = time.perf_counter() - t0
         pass_after = rss_anon_mb()
-        read_growth = max(pass_peak.peak, pass_after) - before_read
+        read_growth = open_growth + max(pass_peak.peak, pass_after) - pass_before
         print(
-            f"full random pass: {seen:,} rows in {pass_secs:.1f} s = {seen / pass_secs:,.0f} rows/s; "
-            f"RssAnon {pass_before:.0f} MB before, {pass_after:.0f} MB after, peak {pass_peak.peak:.0f} MB; "
-            f"arrow allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
+            f"full random pass (evalkit): {seen:,} rows in {pass_secs:.1f} s = {seen / pass_secs:,.0f} "
+            f"rows/s; RssAnon {pass_before:.0f} MB before, {pass_after:.0f} MB after, peak "
+            f"{pass_peak.peak:.0f} MB; arrow allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
         )
         print(
             f"RssAnon growth: converting {conv_growth:.0f} MB (peak minus {base:.0f} MB before); "
-            f"opening + reading every row {read_growth:.0f} MB (peak minus {before_read:.0f} MB "
-            "before opening; datasets not yet imported)"
+            f"opening {open_growth:.0f} MB + full random pass {read_growth - open_growth:.0f} MB = "
+            f"reading {read_growth:.0f} MB"
         )
-
-        import datasets
-
-        hf = datasets.Dataset.from_file(str(stream))
-        assert len(hf) == rows
-        hf_rate = time_batches(lambda idx: hf[idx.tolist()], batches)
-        print(f"datasets.Dataset.from_file(...)[list of {args.batch}]:       {hf_rate:,.0f} rows/s")
-        hf_same = hf[batches[0][:5].tolist()]
-        ours = ds.texts_batch(batches[0][:5])
-        assert hf_same["sentence1"] == ours[0][0] and hf_same["sentence2"] == ours[0][1]
 
         m = min(args.list_rows, rows)
         in_memory = [row for chunk in ds.iter_batches(range(m), batch_size=65536) for row in chunk]
         sub = [rng.integers(0, m, args.batch) for _ in range(args.batches)]
-        list_rate = time_batches(lambda idx: [in_memory[i] for i in idx.tolist()], sub)
+        list_rate = time_interleaved(
+            {"list": lambda idx: [in_memory[i] for i in idx.tolist()]}, sub
+        )
+        list_rate = list_rate["list"]
         print(f"python list of {m:,} dicts in memory:                     {list_rate:,.0f} rows/s")
         print(f"evalkit / python list: {ek_rate / list_rate:.2f}")
         ratio = ek_rate / hf_rate
