@@ -5,9 +5,10 @@ Algorithm (``exact_search``):
 2) for each corpus block (ids, vectors): normalise (cosine), score = queries @ block.T computed
    in float64 and rounded to the embeddings' dtype (float32 unless float64 is given), so a score
    does not depend on which BLAS kernel a block's shape selects;
-3) ``TopK.update``: per query keep the block's best k under the total order (-score, id), found
-   with ``argpartition``; rows whose k-th score is tied are re-selected by id, so the choice never
-   depends on where the block boundaries fall; merge with the running k and re-sort;
+3) ``TopK.update``: once k hits are held, only scores >= a row's k-th best are gathered;
+   otherwise keep the block's best k per query under the total order (-score, id), found with
+   ``argpartition``, rows whose k-th score is tied re-selected by id, so the choice never depends
+   on where the block boundaries fall; merge with the running k and re-sort;
 4) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
 Queries are scored QUERY_ROWS at a time against CORPUS_ROWS-row slices of each block, so RAM is
 O(n_queries x k + QUERY_ROWS x CORPUS_ROWS) whatever the corpus and block sizes.
@@ -65,6 +66,23 @@ class TopK:
             )
         if scores.shape[1] == 0:
             return
+        if self.scores is not None and self.scores.shape[1] == self.k:
+            # only scores >= each row's current k-th best can enter (ties may still win by id);
+            # late in a corpus that is a handful per row, gathered without a full partition
+            mask = scores >= self.scores[:, -1:]
+            counts = mask.sum(axis=1)
+            most = int(counts.max())
+            if most == 0:
+                return
+            if most <= self.k:
+                rows, cols = np.nonzero(mask)
+                slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+                cand_scores = np.full((self.n_queries, most), -np.inf, dtype=scores.dtype)
+                cand_ids = np.full((self.n_queries, most), ids[0], dtype=ids.dtype)
+                cand_scores[rows, slot] = scores[rows, cols]
+                cand_ids[rows, slot] = ids[cols]
+                self._fold(cand_scores, cand_ids)  # -inf padding sorts below the k kept hits
+                return
         cand_scores, cand_ids = self._block_top(scores, ids)
         self._fold(cand_scores, cand_ids)
 
@@ -87,7 +105,7 @@ class TopK:
         nb, k = scores.shape[1], self.k
         if nb <= k:
             return scores, np.broadcast_to(ids, scores.shape)
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(scores, nb - k, axis=1)[:, nb - k :]
         kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
         tied = np.flatnonzero((scores >= kth).sum(axis=1) > k)
         if len(tied):
