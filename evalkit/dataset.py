@@ -216,15 +216,15 @@ class _Column:
                     out[i] = v
             return out
         data = self.f.bytes
-        size = self.dtype.itemsize
-        if self.kind == "fixed":
+        if self.kind == "bool":
+            out = self._bits(self.values[b], self.offset[b] + r).tolist()
+        elif self.kind == "fixed":
+            size = self.dtype.itemsize
             at = self.start[b] + r * size
             out = data[at[:, None] + _ITEM[size]].view(self.dtype).reshape(-1).tolist()
-        elif self.kind == "bool":
-            out = self._bits(self.values[b], self.offset[b] + r).tolist()
         else:
             # one gather reads offsets i and i+1 of every row: its [start, end) in the data buffer
-            at = self.start[b] + r * size
+            at = self.start[b] + r * self.dtype.itemsize
             spans = data[at[:, None] + self._pair].view(self.dtype).astype(np.int64, copy=False)
             spans += self.data[b][:, None]
             mm = self.f.mmap
