@@ -181,6 +181,10 @@ def test_records_are_spilled_to_disk_not_held():
     assert spill._buffered < 1000 and len(spill._files) == 4  # 4 x 1200 rows on disk, 200 in RAM
     assert sum(f.stat().st_size for f in spill._files) > 4800 * 17  # label + 4 float32 scores
     assert metric.count == 5000
+    first = metric.compute()
+    assert metric.compute() == first  # compute() leaves the state as it was
+    leftovers = {p.name for p in spill.directory.iterdir()}
+    assert leftovers == {f.name for f in spill._files}  # sort scratch space is removed
 
 
 def _rss_anon_kib() -> int:

@@ -22,9 +22,12 @@ RAM is O(batch + sort run) whatever the number of pairs; the records live in a t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -143,11 +146,22 @@ class _PairSpill:
             raise EvalkitError(f"cannot merge metrics over scores {other.names} into {self.names}")
         self._spill.merge(other._spill)
 
-    def _sorted(
-        self, name: str, key_sign: float, extra: Sequence[tuple[str, str]] = ()
-    ) -> np.ndarray:
-        """Records (key = key_sign * score, pos, extras...) sorted by key on disk."""
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A scratch folder for one compute(), removed afterwards (sorted runs, rank arrays)."""
         assert self._spill is not None
+        path = self._spill.tempdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _sorted(
+        self, name: str, key_sign: float, directory: Path, extra: Sequence[tuple[str, str]] = ()
+    ) -> np.ndarray:
+        """Records (key = key_sign * score, pos, extras...) sorted by key on disk in ``directory``."""
+        assert self._spill is not None
+        directory.mkdir(parents=True, exist_ok=True)
         score_dtype = self._spill.dtype[name]
         dtype = np.dtype(
             [("key", score_dtype), ("pos", np.int64)]
@@ -170,7 +184,7 @@ class _PairSpill:
         return external_sort(
             chunks(),
             "key",
-            self._spill.tempdir(),
+            directory,
             run_rows=self.run_rows,
             chunk_rows=self.chunk_rows,
         )
@@ -225,24 +239,26 @@ class SimilarityMetrics(_PairSpill):
     def compute(self) -> dict[str, float]:
         if self.count < 2:
             raise EvalkitError(f"similarity metrics need at least 2 pairs; got {self.count}")
+        with self._scratch() as work:
+            return self._correlations(work)
+
+    def _correlations(self, work: Path) -> dict[str, float]:
         n = self.count
-        workdir = self._spill.tempdir()
-        mid = (n + 1) / 2.0
-        # gold average ranks, by arrival position
-        gold_sorted = self._sorted("label", 1.0)
+        mid = (n + 1) / 2.0  # mean rank: ranks are centred on it
+        # gold average ranks, written by arrival position
+        gold_sorted = self._sorted("label", 1.0, work / "gold")
         gold_rank = np.lib.format.open_memmap(
-            workdir / "gold_rank.npy", mode="w+", dtype=np.float64, shape=(n,)
+            work / "gold_rank.npy", mode="w+", dtype=np.float64, shape=(n,)
         )
-        for start, ranks in average_ranks(gold_sorted["key"], workdir, self.chunk_rows):
+        for start, ranks in average_ranks(gold_sorted["key"], work / "gold", self.chunk_rows):
             gold_rank[np.asarray(gold_sorted["pos"][start : start + len(ranks)])] = ranks - mid
         out: dict[str, float] = {}
         for name in self.names:
             m = self._moments[name]
             out[f"pearson_{name}"] = _corr(m[5], m[3], m[4])
-            ranked = self._sorted(name, 1.0)
-            rdir = self._spill.tempdir()
+            ranked = self._sorted(name, 1.0, work / name)
             sxx = syy = sxy = 0.0
-            for start, ranks in average_ranks(ranked["key"], rdir, self.chunk_rows):
+            for start, ranks in average_ranks(ranked["key"], work / name, self.chunk_rows):
                 rx = ranks - mid
                 ry = gold_rank[np.asarray(ranked["pos"][start : start + len(ranks)])]
                 sxx += float(rx @ rx)
@@ -331,18 +347,19 @@ class ClassificationMetrics(_PairSpill):
             raise EvalkitError("classification metrics need at least 1 pair; got none")
         out: dict[str, float] = {}
         for name in self.names:
-            values = self._scan(name)
+            with self._scratch() as work:
+                values = self._scan(name, work)
             out.update({f"{name}_{metric}": v for metric, v in values.items()})
         if self.include_max and len(self.names) > 1:
             for metric in values:
                 out[f"max_{metric}"] = max(out[f"{n}_{metric}"] for n in self.names)
         return out
 
-    def _scan(self, name: str) -> dict[str, float]:
+    def _scan(self, name: str, work: Path) -> dict[str, float]:
         """One pass over the pairs sorted from most to least similar (key = distance-like)."""
         n, pos_total = self.count, self.positives
         neg_total = n - pos_total
-        rec = self._sorted(name, -1.0, extra=[("label", "label")])
+        rec = self._sorted(name, -1.0, work, extra=[("label", "label")])
         keys_all = rec["key"]
         kt = keys_all.dtype.type
         best_acc = neg_total  # correct predictions when everything is called dissimilar
