@@ -222,7 +222,7 @@ def fit(
     if (checkpoint_every or resume) and out_dir is None:
         raise EvalkitError("checkpoint_every and resume need an output directory (out=...)")
 
-    dist_ctx, dev = _setup_distributed(device)
+    dist_ctx, dev = setup_distributed(device)
     rank, world = dist_ctx.rank, dist_ctx.world
     is_main = rank == 0
     precision = _resolve_precision(precision, dev)
@@ -516,8 +516,11 @@ class _Dist:
     initialized_here: bool = False
 
 
-def _setup_distributed(device: str | None) -> tuple[_Dist, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the process group (nccl on GPU, gloo on CPU)."""
+def setup_distributed(device: str | None = "auto") -> tuple[_Dist, torch.device]:
+    """-> (rank, world size, whether this call made the process group), device for this process.
+
+    Under torchrun (WORLD_SIZE > 1) join the process group (nccl on GPU, gloo on CPU) unless it
+    is already joined; each process takes cuda:LOCAL_RANK. Otherwise rank 0 of 1 on `device`."""
     import torch
 
     from evalkit.models import resolve_device

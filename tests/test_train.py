@@ -299,7 +299,7 @@ def test_training_on_stsb_improves_dev_spearman(shared_data, model_dirs, tmp_pat
         label_scale=5, evaluator=evaluator, eval_every=60, out=tmp_path / "out", **QUIET,
     )  # fmt: skip
     assert result.metric == "sts-dev_spearman_cosine" and result.best_step in (60, 120)
-    assert result.best_metric > before + 0.1, (before, result.best_metric)
+    assert result.best_metric > before + 0.05, (before, result.best_metric)
     best = _load(tmp_path / "out" / "best")  # a plain sentence-transformers model directory
     assert evaluator(best)[evaluator.primary_metric] == pytest.approx(result.best_metric, abs=1e-6)
     evals = [
