@@ -35,6 +35,7 @@ import numpy as np
 from evalkit.errors import DataError, EvalkitError
 
 DEFAULT_WINDOW = 16384
+_SLICE = 1024  # texts per SentenceTransformer.encode call (rounded to whole batches)
 COLD_SET_LIMIT = 1_000_000
 
 
@@ -264,6 +265,178 @@ def _open_store(store: Any, dtype: str | None) -> Any:
     return EmbeddingStore(store, dtype=dtype or "float32")
 
 
+class StreamingEncoder:
+    """One model + store + settings, reusable over several inputs (the precompute job encodes
+    shard after shard with one instance, so a cold run stays cold across shards).
+
+    Arguments are those of iter_encode(). Close it (or use `with`) to finish the last write.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        store: Any = None,
+        batch_size: int = 64,
+        window: int = DEFAULT_WINDOW,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool = False,
+        truncate_dim: int | None = None,
+        device: str | None = "auto",
+        amp: str | bool | None = "auto",
+        dtype: str | None = None,
+    ) -> None:
+        from evalkit.fingerprint import model_fingerprint
+
+        _check_sizes(batch_size, window)
+        self.model = _resolve_model(model, device)
+        self.store = _open_store(store, dtype)
+        self.batch_size, self.window = batch_size, window
+        self.normalize, self.truncate_dim = normalize, truncate_dim
+        self.prompt = _resolve_prompt(self.model, prompt, prompt_name)
+        self.amp_dtype = _amp_dtype(self.model, amp)
+        self.precision = self.store.dtype if self.store is not None else (dtype or "float32")
+        compute = None
+        if self.amp_dtype is not None:
+            compute = "autocast-" + str(self.amp_dtype).replace("torch.", "")
+        self.fingerprint = model_fingerprint(
+            self.model,
+            prompt=self.prompt,
+            precision=self.precision,
+            normalize=normalize,
+            truncate_dim=truncate_dim,
+            compute=compute,
+        )
+        get_dim = getattr(self.model, "get_embedding_dimension", None)
+        dim = (get_dim or self.model.get_sentence_embedding_dimension)()
+        self.dim = min(dim, truncate_dim) if (truncate_dim and dim) else dim
+        self._lookup = _Lookup(self.store, self.fingerprint, self.dim)
+
+    def __enter__(self) -> StreamingEncoder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the last write to the store."""
+        self._lookup.close()
+
+    def iter_encode(
+        self,
+        texts: Iterable[str] | Any,
+        *,
+        stats: EncodeStats | None = None,
+        progress: bool = False,
+        total: int | None = None,
+        first_row: int = 0,
+        on_progress: Any = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield float32 blocks ([<= window, dim]) for `texts` in input order; windows start at
+        the first text. `first_row` offsets the row numbers in error messages; `on_progress(n)`
+        is called as rows are done (at least once per ~1,000 encoded texts)."""
+        stats = stats if stats is not None else EncodeStats()
+        stats.fingerprint, stats.dim = self.fingerprint, self.dim
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            if total is None and hasattr(texts, "__len__") and not hasattr(texts, "chunks"):
+                total = len(texts)
+            bar = tqdm(total=total, unit="rows", desc="encode", dynamic_ncols=True)
+            on_progress = bar.update
+        row = first_row
+        try:
+            for texts_w in _prefetch(_windows(texts, self.window)):
+                t0 = time.perf_counter()
+                misses_before = stats.misses
+                out = self._encode_window(texts_w, row, stats, on_progress)
+                row += len(texts_w)
+                stats.seconds += time.perf_counter() - t0
+                if on_progress is not None:  # the rest: hits and duplicates
+                    on_progress(len(texts_w) - (stats.misses - misses_before))
+                if bar is not None:
+                    bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
+                yield out
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _encode_misses(self, texts: list[str], on_progress: Any) -> np.ndarray:
+        """Encode in length order (longest first, like SentenceTransformer.encode), in slices of
+        whole batches so progress can be reported while a big window is being encoded."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        step = max(1, _SLICE // self.batch_size) * self.batch_size
+        out: np.ndarray | None = None
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            args = (
+                self.model,
+                [texts[i] for i in idx],
+                self.batch_size,
+                self.prompt,
+                self.normalize,
+                self.truncate_dim,
+            )
+            if self.amp_dtype is not None:
+                with torch.autocast("cuda", dtype=self.amp_dtype):
+                    emb = _encode(*args)
+            else:
+                emb = _encode(*args)
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[idx] = emb
+            if on_progress is not None:
+                on_progress(len(idx))
+        return out
+
+    def _encode_window(
+        self, texts_w: list, first_row: int, stats: EncodeStats, on_progress: Any = None
+    ) -> np.ndarray:
+        from evalkit.store import make_keys
+
+        for i, text in enumerate(texts_w):
+            if not isinstance(text, str):
+                kind = "null" if text is None else f"a {type(text).__name__}, not a string"
+                raise DataError(f"text at row {first_row + i} is {kind}")
+        index: dict[str, int] = {}
+        inverse = np.fromiter(
+            (index.setdefault(t, len(index)) for t in texts_w), dtype=np.int64, count=len(texts_w)
+        )
+        uniq = list(index)
+        keys = make_keys(self.fingerprint, uniq) if self.store is not None else []
+        vecs, found = self._lookup.get(keys)
+        if self.store is None:
+            found = np.zeros(len(uniq), dtype=bool)
+        miss = np.flatnonzero(~found)
+        if len(miss):
+            new = self._encode_misses([uniq[i] for i in miss], on_progress)
+            if self.precision == "float16":  # serve exactly what the store serves later
+                new = new.astype(np.float16).astype(np.float32)
+            if vecs is None:
+                vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
+            vecs[miss] = new
+            if self.store is not None:
+                self._lookup.put([keys[i] for i in miss], new)
+        if vecs is None:  # empty window
+            vecs = np.zeros((0, self.dim or 0), dtype=np.float32)
+        stats.rows += len(texts_w)
+        stats.hits += int(found.sum())
+        stats.misses += len(miss)
+        stats.duplicates += len(texts_w) - len(uniq)
+        return vecs[inverse]
+
+
+def _check_sizes(batch_size: Any, window: Any) -> None:
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if not isinstance(window, int) or window <= 0:
+        raise EvalkitError(f"window must be a positive integer; got {window!r}")
+
+
 def iter_encode(
     texts: Iterable[str] | Any,
     model: Any,
@@ -285,137 +458,29 @@ def iter_encode(
 
     `texts`: any iterable of strings, or of batches of strings (lists, numpy/pyarrow arrays), or a
     pyarrow (Chunked)Array. `model`: a SentenceTransformer, or a name/path for load_model().
-    `store`: an EmbeddingStore or its directory (None: no caching). Counts go into `stats`.
+    `store`: an EmbeddingStore or its directory (None: no caching). `amp`: CUDA autocast dtype
+    ("auto": bfloat16 where supported, else float16; "off": float32). Counts go into `stats`.
     """
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if not isinstance(window, int) or window <= 0:
-        raise EvalkitError(f"window must be a positive integer; got {window!r}")
-    return _iter_encode(
-        texts,
-        model,
-        store,
-        batch_size,
-        window,
-        prompt,
-        prompt_name,
-        normalize,
-        truncate_dim,
-        device,
-        amp,
-        progress,
-        total,
-        stats if stats is not None else EncodeStats(),
-    )
+    _check_sizes(batch_size, window)
+    if isinstance(texts, str):
+        raise EvalkitError("texts must be an iterable of strings, not a single string")
+    settings = dict(
+        store=store, batch_size=batch_size, window=window, prompt=prompt, prompt_name=prompt_name,
+        normalize=normalize, truncate_dim=truncate_dim, device=device, amp=amp,
+    )  # fmt: skip
+    return _iter_encode(texts, model, settings, progress, total, stats)
 
 
-def _iter_encode(
-    texts,
-    model,
-    store,
-    batch_size,
-    window,
-    prompt,
-    prompt_name,
-    normalize,
-    truncate_dim,
-    device,
-    amp,
-    progress,
-    total,
-    stats,
-) -> Iterator[np.ndarray]:
-    import torch
-
-    from evalkit.fingerprint import model_fingerprint
-    from evalkit.store import make_keys
-
-    model = _resolve_model(model, device)
-    store = _open_store(store, None)
-    prompt = _resolve_prompt(model, prompt, prompt_name)
-    amp_dtype = _amp_dtype(model, amp)
-    precision = store.dtype if store is not None else "float32"
-    fp = model_fingerprint(
-        model,
-        prompt=prompt,
-        precision=precision,
-        normalize=normalize,
-        truncate_dim=truncate_dim,
-        compute=f"autocast-{str(amp_dtype).replace('torch.', '')}"
-        if amp_dtype is not None
-        else None,
-    )
-    stats.fingerprint = fp
-    get_dim = (
-        getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    )
-    dim = get_dim()
-    if truncate_dim is not None and dim is not None:
-        dim = min(dim, truncate_dim)
-    stats.dim = dim
-    lookup = _Lookup(store, fp, dim)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        if total is None and hasattr(texts, "__len__") and not hasattr(texts, "chunks"):
-            total = len(texts)
-        bar = tqdm(total=total, unit="rows", desc="encode", dynamic_ncols=True)
-    start_row = 0
+def _iter_encode(texts, model, settings, progress, total, stats) -> Iterator[np.ndarray]:
+    encoder = StreamingEncoder(model, **settings)
+    stats = stats if stats is not None else EncodeStats()
     try:
-        for texts_w in _prefetch(_windows(texts, window)):
-            t0 = time.perf_counter()
-            for i, text in enumerate(texts_w):
-                if not isinstance(text, str):
-                    kind = "null" if text is None else f"a {type(text).__name__}, not a string"
-                    raise DataError(f"text at row {start_row + i} is {kind}")
-            index: dict[str, int] = {}
-            inverse = np.fromiter(
-                (index.setdefault(t, len(index)) for t in texts_w),
-                dtype=np.int64,
-                count=len(texts_w),
-            )
-            uniq = list(index)
-            keys = make_keys(fp, uniq) if store is not None else []
-            vecs, found = (
-                lookup.get(keys) if store is not None else (None, np.zeros(len(uniq), dtype=bool))
-            )
-            miss = np.flatnonzero(~found)
-            if len(miss):
-                miss_texts = [uniq[i] for i in miss]
-                if amp_dtype is not None:
-                    with torch.autocast("cuda", dtype=amp_dtype):
-                        new = _encode(
-                            model, miss_texts, batch_size, prompt, normalize, truncate_dim
-                        )
-                else:
-                    new = _encode(model, miss_texts, batch_size, prompt, normalize, truncate_dim)
-                if precision == "float16":  # serve exactly what the store will serve later
-                    new = new.astype(np.float16).astype(np.float32)
-                if vecs is None:
-                    vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
-                vecs[miss] = new
-                lookup.put([keys[i] for i in miss] if store is not None else [], new)
-            if vecs is None:  # empty window
-                vecs = np.zeros((0, dim or 0), dtype=np.float32)
-            out = vecs[inverse]
-            stats.rows += len(texts_w)
-            stats.hits += int(found.sum())
-            stats.misses += len(miss)
-            stats.duplicates += len(texts_w) - len(uniq)
-            stats.seconds += time.perf_counter() - t0
-            start_row += len(texts_w)
-            if bar is not None:
-                bar.update(len(texts_w))
-                bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
-            yield out
+        yield from encoder.iter_encode(texts, stats=stats, progress=progress, total=total)
         t0 = time.perf_counter()
-        lookup.close()
+        encoder.close()
         stats.seconds += time.perf_counter() - t0
     finally:
-        lookup.close()
-        if bar is not None:
-            bar.close()
+        encoder.close()
 
 
 def _encode(
