@@ -8,12 +8,15 @@ For each window of `window` input texts (read ahead by a background thread):
    A cold run does not pay for the cache: when the store held nothing for this fingerprint at
    the start, only keys this run itself wrote can hit, so only those are looked up (a set of
    written keys, capped at 1M; past the cap every key is looked up, ~200k keys/s);
-3. encode the misses with `SentenceTransformer.encode` (which sorts them by length into
-   batches of `batch_size`); on CUDA under autocast (bfloat16 where supported, else float16),
-   on CPU in float32;
+3. encode the misses with `SentenceTransformer.encode`, longest first, in slices of ~1,024
+   texts cut at whole batches of `batch_size` (so progress is reported within a big window); on
+   CUDA under autocast (bfloat16 where supported, else float16), on CPU in float32;
 4. hand the new vectors to a background writer thread (one `put_many` transaction per window,
    overlapping the next window's encoding);
 5. yield the window's embeddings (float32 [len(window), dim]) in input order.
+
+`StreamingEncoder` holds one model + store + settings across inputs (the precompute job uses
+one for all its shards); `iter_encode`/`encode_texts` wrap one for a single input.
 
 Whether a text hits depends only on the texts before it, not on timing, so an interrupted run
 resumed over the same store reproduces the uninterrupted run's bytes. Tokenisation is not moved
