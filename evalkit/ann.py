@@ -762,6 +762,7 @@ def build_corpus_index(
         else model
     )
     store = None if cache is False else _open_store(cache)
+    fingerprint = model_fingerprint(st_model)  # before encoding, as the encoder computes it
 
     def encoder(texts):
         res = encode_texts(list(texts), st_model, store=store, batch_size=batch_size, device=device)
@@ -778,7 +779,7 @@ def build_corpus_index(
             spec=spec,
             metric=metric,
             memory_budget=memory_budget,
-            model_fingerprint=model_fingerprint(st_model),
+            model_fingerprint=fingerprint,
             out=out,
             progress=progress,
         )
