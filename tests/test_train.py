@@ -324,3 +324,48 @@ def test_in_memory_list_and_argument_errors(model_dirs):
         fit(model, [], loss, max_steps=1, **QUIET)
     with pytest.raises(EvalkitError, match="need an output directory"):
         fit(model, examples, loss, max_steps=1, checkpoint_every=1, **QUIET)
+
+
+def test_cli_trains_checkpoints_resumes_and_best_evaluates(
+    shared_data, model_dirs, tmp_path, capsys
+):
+    """`evalkit train` on STS-B CSV (converted to OUT/train.arrow, scores auto-scaled by 5), then
+    --resume to more steps, then `evalkit evaluate pairs --model OUT/best` on STS-B test."""
+    from evalkit.cli import main
+
+    stsb = shared_data / "stsb"
+    out = tmp_path / "run"
+    common = [
+        str(stsb / "stsb-en-train.csv"), "--column-names", "sentence1,sentence2,score",
+        "--left", "sentence1", "--right", "sentence2", "--label", "score", "--loss", "cosine",
+        "--model", str(model_dirs["dropout"]), "--batch-size", "8", "--checkpoint-every", "2",
+        "--out", str(out), "--no-progress", "--log-every", "1",
+    ]  # fmt: skip
+    assert main(["train", *common, "--max-steps", "2", "--label-scale", "2"]) == 1
+    assert (
+        "ranges 0..5, 0..2.5 after --label-scale 2; pass --label-scale 5" in capsys.readouterr().err
+    )
+    assert main(["train", *common, "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "divided by 5" in err and "best model:" in err
+    assert (out / "train.arrow").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    eval_args = ["--eval-data", str(stsb / "stsb-en-dev.csv"), "--eval-every", "2"]
+    assert main(["train", *common, "--max-steps", "6", "--resume", *eval_args]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 6 and result["metric"] == "eval_spearman_cosine"
+    assert result["best_step"] == 6  # the only evaluation after resuming from step 4
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval" in r] == [6]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    capsys.readouterr()
+
+    code = main([
+        "evaluate", "pairs", str(stsb / "stsb-en-test.csv"), "--column-names", "sentence1,sentence2,score",
+        "--left", "sentence1", "--right", "sentence2", "--label", "score", "--model", str(out / "best"),
+        "--no-cache", "--out", str(tmp_path / "eval"), "--no-plots", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "eval" / "metrics.json").is_file()
