@@ -18,8 +18,10 @@ Retrieval (`evaluate_retrieval`, core `evaluator.retrieval_pass`):
    function so that an ANN index can stand in for it): O(queries x k) state, never the corpus;
 4) score the ranked lists with the dialect's retrieval metrics and a recall@k curve; report.
 
-Model loading is lazy (see evaluator.Encoder): a second run whose texts are all in the store
-reads them without importing torch or loading the model.
+`Encoder` encodes text batches through the embedding store (hits read, misses encoded and
+written back) and tallies hits/misses/time. Given a model path it loads the model lazily: the
+fingerprint of a model directory is remembered under a digest of the directory's bytes, so a
+second run whose texts are all in the store never imports torch or loads the model.
 """
 
 from __future__ import annotations
@@ -39,20 +41,252 @@ from evalkit.evaluator import (
     DIALECTS,
     PAIR_TASKS,
     PRIMARY,
-    Encoder,
     check_k_values,
     exact_search,
+    judged_queries,
     pairs_pass,
     retrieval_pass,
 )
 
-__all__ = ["evaluate_pairs", "evaluate_retrieval", "exact_search", "iter_pair_batches"]
+__all__ = ["Encoder", "evaluate_pairs", "evaluate_retrieval", "exact_search", "iter_pair_batches"]
 
 logger = logging.getLogger(__name__)
 _PAIR_HEADLINE = {
     "similarity": ["spearman_cosine", "pearson_cosine"],
     "classification": ["cosine_accuracy", "cosine_f1", "cosine_ap", "cosine_mcc"],
 }
+
+
+# ------------------------------------------------------------------------------------ encoder
+
+
+class Encoder:
+    """Encodes text batches through the store for one job, keeping hit/miss/time tallies.
+
+    `model`: a loaded SentenceTransformer, or a path/None (loaded on the first store miss).
+    `cache`: a store directory, None (default store), False (no store) or an EmbeddingStore.
+    """
+
+    def __init__(
+        self, model: Any, *, cache: Any = None, device: str = "auto", batch_size: int = 64
+    ) -> None:
+        if batch_size <= 0:
+            raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
+        self.device, self.batch_size = device, int(batch_size)
+        self.store = _open_store(cache)
+        self._model = None
+        self._memo_key = None
+        self._fingerprint: str | None = None
+        if model is None or isinstance(model, (str, os.PathLike)):
+            from evalkit.models import resolve_model_path
+
+            self.path = resolve_model_path(model)
+            if self.store is not None and os.path.isdir(self.path):
+                self._memo_key = _memo_key(self.path, self.store.dtype, device)
+                self._fingerprint = _memo_lookup(self._memo_key)
+        else:
+            self._model = model
+            _settle_tokenizer(model)
+            self.path = type(model).__name__
+        self.hits = 0  # merge: add
+        self.misses = 0  # merge: add
+        self.encode_s = 0.0  # merge: add
+        self.load_s = 0.0
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from evalkit.models import load_model
+
+            t = time.perf_counter()
+            self._model = load_model(self.path, device=self.device)
+            _settle_tokenizer(self._model)
+            self.load_s += time.perf_counter() - t
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from evalkit.fingerprint import model_fingerprint
+
+            precision = self.store.dtype if self.store is not None else "float32"
+            self._fingerprint = model_fingerprint(self.model, precision=precision)
+        return self._fingerprint
+
+    @property
+    def similarity(self) -> str:
+        if self._model is None:  # only read the name, do not load the model for it
+            return _similarity_fn_name(self.path)
+        return str(getattr(self._model, "similarity_fn_name", None) or "cosine")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            if self._model is None and self._fingerprint is not None:
+                served = self._from_store(texts)
+                if served is not None:
+                    return served
+            return self._encode(texts)
+        finally:
+            self.encode_s += time.perf_counter() - t
+
+    def _from_store(self, texts: Sequence[str]) -> np.ndarray | None:
+        """All of `texts` from the store (None if any is missing), without the model."""
+        from evalkit.store import make_keys
+
+        index: dict[str, int] = {}
+        inverse = np.fromiter(
+            (index.setdefault(t, len(index)) for t in texts), np.int64, len(texts)
+        )
+        vectors, found = self.store.get_many(make_keys(self._fingerprint, list(index)))
+        if not found.all():
+            return None
+        self.hits += len(index)
+        return vectors[inverse]
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        from evalkit.encode import encode_texts
+
+        result = encode_texts(
+            list(texts),
+            self.model,
+            store=self.store,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        self.hits += int(result.hits)
+        self.misses += int(result.misses)
+        if result.fingerprint and self._fingerprint != result.fingerprint:
+            self._fingerprint = result.fingerprint
+            if self._memo_key is not None:
+                _memo_remember(self._memo_key, result.fingerprint)
+        return np.asarray(result.embeddings, dtype=np.float32)
+
+    def cache_info(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "enabled": self.store is not None,
+            "dir": str(self.store.directory) if self.store is not None else None,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / total if total else 0.0,
+            "model_loaded": self.loaded,
+        }
+
+    def model_info(self) -> dict[str, Any]:
+        return {"path": self.path, "fingerprint": self.fingerprint, "similarity": self.similarity}
+
+
+# Fingerprint memo: {content digest of a model directory + settings: model fingerprint}, so a
+# run served entirely from the store never loads the model. Keyed by the directory's bytes (not
+# its path or mtimes), the library versions, the store dtype, the device and the host: anything
+# that can change what the loaded model's fingerprint would be. ~0.1 s for MiniLM's 88 MB.
+
+
+def _memo_path() -> Path:
+    env = os.environ.get("EVALKIT_FINGERPRINT_MEMO")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "evalkit" / "model-fingerprints.json"
+
+
+def _memo_key(path: str, dtype: str, device: str) -> str:
+    import hashlib
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.blake2b(digest_size=16)
+    for pkg in ("sentence-transformers", "transformers", "torch", "tokenizers"):
+        try:
+            h.update(f"{pkg}={version(pkg)}\n".encode())
+        except PackageNotFoundError:
+            h.update(f"{pkg}=-\n".encode())
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    h.update(f"{dtype}|{device}|{platform.node()}|{cuda}\n".encode())
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _memo_read() -> dict[str, str]:
+    import json
+
+    try:
+        data = json.loads(_memo_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _memo_lookup(key: str) -> str | None:
+    value = _memo_read().get(key)
+    return value if isinstance(value, str) else None
+
+
+def _memo_remember(key: str, fingerprint: str) -> None:
+    from evalkit.report import write_json_atomic
+
+    memo = _memo_read()
+    memo[key] = fingerprint
+    try:
+        write_json_atomic(_memo_path(), dict(list(memo.items())[-256:]))
+    except OSError as exc:  # a read-only home only costs the fast path
+        logger.debug("cannot write the fingerprint memo: %s", exc)
+
+
+def _similarity_fn_name(path: str) -> str:
+    """The model's similarity function from its config, without loading it (ST default: cosine)."""
+    import json
+
+    try:
+        config = json.loads(
+            Path(path, "config_sentence_transformers.json").read_text(encoding="utf-8")
+        )
+    except (OSError, ValueError):
+        return "cosine"
+    return str(config.get("similarity_fn_name") or "cosine")
+
+
+def _settle_tokenizer(model: Any) -> None:
+    """Tokenize once so the fast tokenizer's padding state is the one every encode leaves behind.
+
+    A freshly loaded tokenizer carries the padding saved in tokenizer.json ("Fixed"); the first
+    encode switches it to "BatchLongest" for good. evalkit.fingerprint hashes that state, so
+    without this the first encode call of a process keys its vectors differently from later
+    calls and from the next run (which then misses the store).
+    """
+    import warnings
+
+    preprocess = getattr(model, "preprocess", None) or getattr(model, "tokenize", None)
+    if preprocess is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preprocess(["evalkit"])
+        except Exception as exc:  # a custom model without text preprocessing: nothing to settle
+            logger.debug("tokenizer warm-up skipped: %s", exc)
+
+
+def _open_store(cache: Any):
+    if cache is False:
+        return None
+    from evalkit.store import EmbeddingStore
+
+    if isinstance(cache, EmbeddingStore):
+        return cache
+    return EmbeddingStore(cache)
 
 
 # -------------------------------------------------------------------------------------- pairs
@@ -219,15 +453,7 @@ def evaluate_retrieval(
     t0 = time.perf_counter()
     judged = beir.load_qrels(qrels)
     all_ids, all_texts = beir.load_queries(queries)
-    known = set(all_ids)
-    unknown = [q for q in judged if q not in known]
-    if unknown:
-        raise DataError(
-            f"qrels {qrels} judge {len(unknown)} query id(s) that are not in {queries}, e.g. "
-            f"{unknown[0]!r}; are the qrels and queries from the same dataset?"
-        )
-    keep = [i for i, q in enumerate(all_ids) if q in judged]
-    qids, qtexts = [all_ids[i] for i in keep], [all_texts[i] for i in keep]
+    qids, qtexts = judged_queries(judged, all_ids, all_texts, where=str(queries))
     n_docs = len(beir.corpus_ids(corpus, **source_options))
     if n_docs == 0:
         raise DataError(f"corpus {corpus} has no documents")

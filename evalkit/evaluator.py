@@ -1,10 +1,8 @@
 """Streaming evaluation engine and sentence-transformers evaluators built on it.
 
 The engine (used by the `evalkit evaluate` job and by the evaluators below):
-1) `Encoder` encodes text batches through the embedding store (hits read, misses encoded and
-   written back) and tallies hits/misses/time. Given a model path it loads the model lazily: the
-   fingerprint of a model directory is remembered under a digest of the directory's bytes, so a
-   run whose texts are all in the store never imports torch or loads the model.
+1) an encoder (evalkit.evaluate.Encoder: texts -> embeddings through the store, with tallies)
+   turns text batches into vectors;
 2) `pairs_pass` streams (left, right, label) batches: encode both sides, pair scores, update the
    streaming similarity/classification metric and a score histogram.
 3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
@@ -21,10 +19,11 @@ accessed (module `__getattr__`), not when this module is imported.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,214 +38,6 @@ DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
 PAIR_TASKS = ("similarity", "classification")
 PRIMARY = {"similarity": "spearman_cosine", "classification": "cosine_ap"}
 
-# ------------------------------------------------------------------------------------ encoder
-
-
-class Encoder:
-    """Encodes text batches through the store for one job, keeping hit/miss/time tallies.
-
-    `model`: a loaded SentenceTransformer, or a path/None (loaded on the first store miss).
-    `cache`: a store directory, None (default store), False (no store) or an EmbeddingStore.
-    """
-
-    def __init__(
-        self, model: Any, *, cache: Any = None, device: str = "auto", batch_size: int = 64
-    ) -> None:
-        if batch_size <= 0:
-            raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
-        self.device, self.batch_size = device, int(batch_size)
-        self.store = _open_store(cache)
-        self._model = None
-        self._memo_key = None
-        self._fingerprint: str | None = None
-        if model is None or isinstance(model, (str, os.PathLike)):
-            from evalkit.models import resolve_model_path
-
-            self.path = resolve_model_path(model)
-            if self.store is not None and os.path.isdir(self.path):
-                self._memo_key = _memo_key(self.path, self.store.dtype, device)
-                self._fingerprint = _memo_lookup(self._memo_key)
-        else:
-            self._model = model
-            self.path = type(model).__name__
-        self.hits = 0  # merge: add
-        self.misses = 0  # merge: add
-        self.encode_s = 0.0  # merge: add
-        self.load_s = 0.0
-
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            from evalkit.models import load_model
-
-            t = time.perf_counter()
-            self._model = load_model(self.path, device=self.device)
-            self.load_s += time.perf_counter() - t
-        return self._model
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from evalkit.fingerprint import model_fingerprint
-
-            precision = self.store.dtype if self.store is not None else "float32"
-            self._fingerprint = model_fingerprint(self.model, precision=precision)
-        return self._fingerprint
-
-    @property
-    def similarity(self) -> str:
-        if self._model is None:  # only read the name, do not load the model for it
-            return _similarity_fn_name(self.path)
-        return str(getattr(self._model, "similarity_fn_name", None) or "cosine")
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        t = time.perf_counter()
-        try:
-            if self._model is None and self._fingerprint is not None:
-                served = self._from_store(texts)
-                if served is not None:
-                    return served
-            return self._encode(texts)
-        finally:
-            self.encode_s += time.perf_counter() - t
-
-    def _from_store(self, texts: Sequence[str]) -> np.ndarray | None:
-        """All of `texts` from the store (None if any is missing), without the model."""
-        from evalkit.store import make_keys
-
-        index: dict[str, int] = {}
-        inverse = np.fromiter(
-            (index.setdefault(t, len(index)) for t in texts), np.int64, len(texts)
-        )
-        vectors, found = self.store.get_many(make_keys(self._fingerprint, list(index)))
-        if not found.all():
-            return None
-        self.hits += len(index)
-        return vectors[inverse]
-
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        from evalkit.encode import encode_texts
-
-        result = encode_texts(
-            list(texts),
-            self.model,
-            store=self.store,
-            batch_size=self.batch_size,
-            device=self.device,
-        )
-        self.hits += int(result.hits)
-        self.misses += int(result.misses)
-        if result.fingerprint and self._fingerprint != result.fingerprint:
-            self._fingerprint = result.fingerprint
-            if self._memo_key is not None:
-                _memo_remember(self._memo_key, result.fingerprint)
-        return np.asarray(result.embeddings, dtype=np.float32)
-
-    def cache_info(self) -> dict[str, Any]:
-        total = self.hits + self.misses
-        return {
-            "enabled": self.store is not None,
-            "dir": str(self.store.directory) if self.store is not None else None,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / total if total else 0.0,
-            "model_loaded": self.loaded,
-        }
-
-    def model_info(self) -> dict[str, Any]:
-        return {"path": self.path, "fingerprint": self.fingerprint, "similarity": self.similarity}
-
-
-# Fingerprint memo: {content digest of a model directory + settings: model fingerprint}, so a
-# run served entirely from the store never loads the model. Keyed by the directory's bytes (not
-# its path or mtimes), the library versions, the store dtype, the device and the host: anything
-# that can change what the loaded model's fingerprint would be. ~0.1 s for MiniLM's 88 MB.
-
-
-def _memo_path() -> Path:
-    env = os.environ.get("EVALKIT_FINGERPRINT_MEMO")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "evalkit" / "model-fingerprints.json"
-
-
-def _memo_key(path: str, dtype: str, device: str) -> str:
-    import hashlib
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    h = hashlib.blake2b(digest_size=16)
-    for pkg in ("sentence-transformers", "transformers", "torch", "tokenizers"):
-        try:
-            h.update(f"{pkg}={version(pkg)}\n".encode())
-        except PackageNotFoundError:
-            h.update(f"{pkg}=-\n".encode())
-    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    h.update(f"{dtype}|{device}|{platform.node()}|{cuda}\n".encode())
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode() + b"\0")
-            with open(full, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
-def _memo_read() -> dict[str, str]:
-    import json
-
-    try:
-        data = json.loads(_memo_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _memo_lookup(key: str) -> str | None:
-    value = _memo_read().get(key)
-    return value if isinstance(value, str) else None
-
-
-def _memo_remember(key: str, fingerprint: str) -> None:
-    from evalkit.report import write_json_atomic
-
-    memo = _memo_read()
-    memo[key] = fingerprint
-    try:
-        write_json_atomic(_memo_path(), dict(list(memo.items())[-256:]))
-    except OSError as exc:  # a read-only home only costs the fast path
-        logger.debug("cannot write the fingerprint memo: %s", exc)
-
-
-def _similarity_fn_name(path: str) -> str:
-    """The model's similarity function from its config, without loading it (ST default: cosine)."""
-    import json
-
-    try:
-        config = json.loads(
-            Path(path, "config_sentence_transformers.json").read_text(encoding="utf-8")
-        )
-    except (OSError, ValueError):
-        return "cosine"
-    return str(config.get("similarity_fn_name") or "cosine")
-
-
-def _open_store(cache: Any):
-    if cache is False:
-        return None
-    from evalkit.store import EmbeddingStore
-
-    if isinstance(cache, EmbeddingStore):
-        return cache
-    return EmbeddingStore(cache)
-
 
 def _progress(total: int | None, desc: str, unit: str, enabled: bool):
     from tqdm.auto import tqdm
@@ -258,7 +49,7 @@ def _progress(total: int | None, desc: str, unit: str, enabled: bool):
 
 def pairs_pass(
     batches: Iterable[tuple[Sequence[str], Sequence[str], np.ndarray]],
-    encoder: Encoder,
+    encoder: Any,
     task: str,
     *,
     progress: bool = False,
@@ -333,7 +124,7 @@ def retrieval_pass(
     query_texts: Sequence[str],
     qrels: dict[str, dict[str, int]],
     corpus_batches: Iterable[tuple[Sequence[str], Sequence[str]]],
-    encoder: Encoder,
+    encoder: Any,
     *,
     k_values: Sequence[int],
     dialect: str,
@@ -400,3 +191,338 @@ def _recall_curve(qrels, query_ids, ranked, max_k: int) -> np.ndarray:
     if rows:
         curve.update(np.asarray(rows, dtype=np.float64), np.asarray(sizes))
     return curve.compute()
+
+
+def judged_queries(
+    qrels: Mapping[str, Any],
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    *,
+    where: str = "queries",
+) -> tuple[list[str], list[str]]:
+    """The queries that have judgements, in query order; a judged id missing from the queries raises."""
+    known = set(query_ids)
+    unknown = [q for q in qrels if q not in known]
+    if unknown:
+        raise DataError(
+            f"qrels judge {len(unknown)} query id(s) that are not in {where}, e.g. {unknown[0]!r}; "
+            "are the qrels and queries from the same dataset?"
+        )
+    keep = [i for i, q in enumerate(query_ids) if q in qrels]
+    return [query_ids[i] for i in keep], [query_texts[i] for i in keep]
+
+
+def normalize_qrels(relevant: Mapping[Any, Any]) -> dict[str, dict[str, int]]:
+    """{qid: {doc: grade}} from that or from sentence-transformers' {qid: set of relevant docs}."""
+    if not isinstance(relevant, Mapping):
+        raise EvalkitError(
+            f"relevant docs must be a dict of query id -> docs; got {type(relevant).__name__}"
+        )
+    out: dict[str, dict[str, int]] = {}
+    for qid, docs in relevant.items():
+        if isinstance(docs, Mapping):
+            out[str(qid)] = {str(d): int(g) for d, g in docs.items()}
+        else:
+            out[str(qid)] = {str(d): 1 for d in docs}
+    return out
+
+
+# ------------------------------------------------------------------ sentence-transformers evaluators
+
+
+def _sentence_evaluator_base() -> type:
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.base.evaluation import BaseEvaluator
+
+        return BaseEvaluator
+    except ImportError:  # 3.x - 5.x
+        from sentence_transformers.evaluation import SentenceEvaluator
+
+        return SentenceEvaluator
+
+
+class _Reporting:
+    """What every evaluator does after computing its metrics: CSV row, name prefix, model card."""
+
+    csv_kind = "evalkit"
+
+    def _report(
+        self, model: Any, metrics: dict[str, float], output_path, epoch: int, steps: int
+    ) -> dict:
+        if output_path is not None and self.write_csv:
+            os.makedirs(output_path, exist_ok=True)
+            name = f"_{self.name}" if self.name else ""
+            path = Path(output_path) / f"{self.csv_kind}{name}_results.csv"
+            new = not path.exists()
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["epoch", "steps", *metrics])
+                writer.writerow([epoch, steps, *metrics.values()])
+        metrics = self.prefix_name_to_metrics(metrics, self.name)
+        if hasattr(model, "model_card_data"):
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+        return metrics
+
+    @staticmethod
+    def _when(epoch: int, steps: int) -> str:
+        if epoch == -1:
+            return ""
+        return f" after epoch {epoch}" if steps == -1 else f" in epoch {epoch} after {steps} steps"
+
+
+class _PairEvaluator(_Reporting):
+    """Streaming pair evaluation (similarity or binary classification) as a SentenceEvaluator.
+
+    Pairs come from `data` (a file/URI/table evalkit.arrow reads, streamed on every call, with
+    columns `left`, `right`, `label` and `source_options`) or from in-memory `sentences1`,
+    `sentences2`, `labels` as in sentence-transformers' evaluators. Returns the same keys as
+    EmbeddingSimilarityEvaluator / BinaryClassificationEvaluator (prefixed with `name_` if named).
+    `cache`: False (default: weights change during training), or a store directory.
+    """
+
+    csv_kind = "pairs_evaluation"
+
+    def __init__(
+        self,
+        data: Any = None,
+        *,
+        sentences1: Sequence[str] | None = None,
+        sentences2: Sequence[str] | None = None,
+        labels: Sequence[float] | None = None,
+        left: str = "sentence1",
+        right: str = "sentence2",
+        label: str = "score",
+        task: str = "similarity",
+        name: str = "",
+        batch_size: int = 64,
+        cache: Any = False,
+        read_batch_size: int = 8192,
+        show_progress_bar: bool = False,
+        write_csv: bool = True,
+        **source_options: Any,
+    ) -> None:
+        super().__init__()
+        if task not in PAIR_TASKS:
+            raise EvalkitError(f"task must be one of {', '.join(PAIR_TASKS)}; got {task!r}")
+        in_memory = sentences1 is not None or sentences2 is not None or labels is not None
+        if (data is None) == (not in_memory) or (
+            in_memory and None in (sentences1, sentences2, labels)
+        ):
+            raise EvalkitError(
+                "give either data=SOURCE or all of sentences1=, sentences2=, labels="
+            )
+        if in_memory and not (len(sentences1) == len(sentences2) == len(labels)):
+            raise EvalkitError(
+                f"sentences1, sentences2 and labels must have one length; got "
+                f"{len(sentences1)}, {len(sentences2)}, {len(labels)}"
+            )
+        self.data, self.columns, self.source_options = data, (left, right, label), source_options
+        self.pairs = (
+            (list(sentences1), list(sentences2), np.asarray(labels, np.float64))
+            if in_memory
+            else None
+        )
+        self.task, self.name, self.batch_size, self.cache = task, name, batch_size, cache
+        self.read_batch_size, self.show_progress_bar, self.write_csv = (
+            read_batch_size,
+            show_progress_bar,
+            write_csv,
+        )
+        self.greater_is_better = True
+        self.primary_metric = PRIMARY[task]
+        if data is not None:
+            next(self._batches(), None)  # check the source and its columns now, not mid-training
+
+    def _batches(self) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        if self.pairs is not None:
+            s1, s2, gold = self.pairs
+            for start in range(0, len(s1), self.read_batch_size):
+                end = start + self.read_batch_size
+                yield s1[start:end], s2[start:end], gold[start:end]
+            return
+        from evalkit.evaluate import iter_pair_batches
+
+        left, right, label = self.columns
+        yield from iter_pair_batches(
+            self.data,
+            left=left,
+            right=right,
+            label=label,
+            batch_size=self.read_batch_size,
+            **self.source_options,
+        )
+
+    def __call__(
+        self,
+        model: Any,
+        output_path: str | None = None,
+        epoch: int = -1,
+        steps: int = -1,
+        *args,
+        **kwargs,
+    ) -> dict[str, float]:
+        logger.info("evalkit %s evaluation%s", self.task, self._when(epoch, steps))
+        from evalkit.evaluate import Encoder
+
+        encoder = Encoder(model, cache=self.cache, batch_size=self.batch_size)
+        where = str(self.data) if self.data is not None else "sentences1/sentences2/labels"
+        metrics, _, _ = pairs_pass(
+            self._batches(), encoder, self.task, progress=self.show_progress_bar, where=where
+        )
+        self.primary_metric = PRIMARY[self.task]
+        return self._report(model, metrics, output_path, epoch, steps)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"task": self.task}
+
+
+class _SimilarityEvaluator(_PairEvaluator):
+    """Streaming EmbeddingSimilarityEvaluator: Pearson/Spearman of pair scores with gold scores."""
+
+    def __init__(self, data: Any = None, **kwargs: Any) -> None:
+        kwargs.pop("task", None)
+        super().__init__(data, task="similarity", **kwargs)
+
+
+class _BinaryClassificationEvaluator(_PairEvaluator):
+    """Streaming BinaryClassificationEvaluator: accuracy/F1/AP/MCC at the best threshold."""
+
+    def __init__(self, data: Any = None, **kwargs: Any) -> None:
+        kwargs.pop("task", None)
+        kwargs.setdefault("label", "label")
+        super().__init__(data, task="classification", **kwargs)
+
+
+class _RetrievalEvaluator(_Reporting):
+    """Streaming InformationRetrievalEvaluator (or pytrec_eval with dialect="trec_eval").
+
+    `queries`: {qid: text} or a BEIR queries.jsonl; `corpus`: {doc id: text} or a BEIR corpus
+    (streamed from disk on every call, in blocks of `corpus_block`); `relevant_docs`: {qid: set
+    of doc ids} / {qid: {doc id: grade}} or a qrels TSV. Keys like `cosine_ndcg@10`, prefixed
+    with `name_` if named; primary metric nDCG at 10 (or the largest k).
+    """
+
+    csv_kind = "retrieval_evaluation"
+
+    def __init__(
+        self,
+        queries: Mapping[str, str] | str | os.PathLike,
+        corpus: Mapping[str, str] | str | os.PathLike,
+        relevant_docs: Mapping[str, Any] | str | os.PathLike,
+        *,
+        dialect: str = "sentence-transformers",
+        k_values: Sequence[int] = DEFAULT_K_VALUES,
+        name: str = "",
+        batch_size: int = 64,
+        corpus_block: int = 16_384,
+        cache: Any = False,
+        ignore_identical_ids: bool = False,
+        show_progress_bar: bool = False,
+        write_csv: bool = True,
+        **source_options: Any,
+    ) -> None:
+        from evalkit import beir
+
+        super().__init__()
+        if dialect not in DIALECTS:
+            raise EvalkitError(f"dialect must be one of {', '.join(DIALECTS)}; got {dialect!r}")
+        self.k_values = check_k_values(k_values)
+        if corpus_block <= 0:
+            raise EvalkitError(f"corpus_block must be a positive integer; got {corpus_block!r}")
+        self.qrels = (
+            normalize_qrels(relevant_docs)
+            if isinstance(relevant_docs, Mapping)
+            else beir.load_qrels(relevant_docs)
+        )
+        if isinstance(queries, Mapping):
+            qids, qtexts = [str(q) for q in queries], [str(t) for t in queries.values()]
+        else:
+            qids, qtexts = beir.load_queries(queries)
+        self.query_ids, self.query_texts = judged_queries(self.qrels, qids, qtexts)
+        self.corpus = corpus
+        if isinstance(corpus, Mapping):
+            self.n_docs = len(corpus)
+        else:
+            self.n_docs = len(beir.corpus_ids(corpus, **source_options))  # checks ids once
+        if self.n_docs == 0:
+            raise DataError("the corpus has no documents")
+        self.dialect, self.name, self.batch_size, self.cache = dialect, name, batch_size, cache
+        self.corpus_block, self.ignore_identical_ids = corpus_block, ignore_identical_ids
+        self.show_progress_bar, self.write_csv, self.source_options = (
+            show_progress_bar,
+            write_csv,
+            source_options,
+        )
+        self.greater_is_better = True
+        self.primary_metric = f"cosine_ndcg@{self._primary_k}"
+
+    @property
+    def _primary_k(self) -> int:
+        return 10 if 10 in self.k_values else max(self.k_values)
+
+    def _corpus_batches(self) -> Iterator[tuple[list[str], list[str]]]:
+        if isinstance(self.corpus, Mapping):
+            ids = list(self.corpus)
+            for start in range(0, len(ids), self.corpus_block):
+                chunk = ids[start : start + self.corpus_block]
+                yield [str(i) for i in chunk], [str(self.corpus[i]) for i in chunk]
+            return
+        from evalkit import beir
+
+        yield from beir.iter_corpus(
+            self.corpus, batch_size=self.corpus_block, **self.source_options
+        )
+
+    def __call__(
+        self,
+        model: Any,
+        output_path: str | None = None,
+        epoch: int = -1,
+        steps: int = -1,
+        *args,
+        **kwargs,
+    ) -> dict[str, float]:
+        logger.info("evalkit retrieval evaluation%s", self._when(epoch, steps))
+        from evalkit.evaluate import Encoder
+
+        encoder = Encoder(model, cache=self.cache, batch_size=self.batch_size)
+        metrics, _, _ = retrieval_pass(
+            self.query_ids,
+            self.query_texts,
+            self.qrels,
+            self._corpus_batches(),
+            encoder,
+            k_values=self.k_values,
+            dialect=self.dialect,
+            n_docs=self.n_docs,
+            ignore_identical_ids=self.ignore_identical_ids,
+            progress=self.show_progress_bar,
+        )
+        self.primary_metric = f"{encoder.similarity}_ndcg@{self._primary_k}"
+        return self._report(model, metrics, output_path, epoch, steps)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"dialect": self.dialect, "k_values": self.k_values}
+
+
+_IMPLS: dict[str, type] = {
+    "StreamingPairEvaluator": _PairEvaluator,
+    "StreamingSimilarityEvaluator": _SimilarityEvaluator,
+    "StreamingBinaryClassificationEvaluator": _BinaryClassificationEvaluator,
+    "StreamingRetrievalEvaluator": _RetrievalEvaluator,
+}
+__all__ = sorted([*_IMPLS, "exact_search", "pairs_pass", "retrieval_pass"])
+
+
+def __getattr__(name: str) -> type:
+    """Build an evaluator class on first access, subclassing sentence-transformers' SentenceEvaluator
+    (imported here, so `import evalkit.evaluator` stays cheap)."""
+    impl = _IMPLS.get(name)
+    if impl is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = type(
+        name, (impl, _sentence_evaluator_base()), {"__module__": __name__, "__doc__": impl.__doc__}
+    )
+    globals()[name] = cls
+    return cls
