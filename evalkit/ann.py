@@ -604,7 +604,9 @@ def ann_search(
     `index`: a FAISS factory string or None (auto) — built over `corpus_blocks` (a callable that
     reopens the (ids, vectors) stream is read twice when the index needs training; an iterator
     once) with the blocks' ids —, or a built index directory / EmbeddingIndex, whose stored ids
-    are returned. Missing results (fewer than k found) have id -1 (integer ids) or None.
+    are returned. Missing results (fewer than k found) have id -1 (integer ids) or "" (strings).
+    Hook for evaluate_retrieval: `ann_search(query_emb, blocks(), depth, index=SPEC_OR_DIR,
+    score=score_name, model_fingerprint=encoder.fingerprint)` in place of exact_search.
     """
     metric = {"cosine": "cosine", "dot": "dot", "euclidean": "l2", "l2": "l2"}.get(score)
     if metric is None:
@@ -622,7 +624,10 @@ def ann_search(
             model_fingerprint=model_fingerprint,
         )
     scores, positions = idx.search(query_emb, k, params=params)
-    return scores, idx.ids_of(positions)
+    ids = idx.ids_of(positions)
+    if ids.dtype == object:
+        ids[positions < 0] = ""  # as exact_search's string ids: "" is no document
+    return scores, ids
 
 
 def _fmt_params(params: dict[str, int]) -> str:

@@ -256,3 +256,22 @@ def test_cli_index_build_then_check_against_it(beir_set, tiny_model_dir, tmp_pat
          "--index", str(tmp_path / "idx"), "--latency-queries", "3", *common]
     )  # fmt: skip
     assert code == 0 and "recall@10 1.0000" in capsys.readouterr().out
+
+
+def test_ann_search_is_a_drop_in_for_exact_search(corpus, tmp_path):
+    x, ids = corpus
+    q = clustered(12, dim=24, seed=9)
+    str_ids = ids.astype(str)
+    ex_scores, ex_ids = exact_ground_truth(q, blocks_of(x, str_ids, 700)(), 10)
+    # a one-shot generator, as evaluate_retrieval streams its corpus
+    scores, found = ann_search(q, blocks_of(x, str_ids, 700)(), 10, index="Flat", score="cosine")
+    np.testing.assert_array_equal(found, ex_ids)
+    np.testing.assert_allclose(scores, ex_scores, atol=1e-5)
+    # a built index directory returns its stored ids; missing results are ""
+    from evalkit.index import build_index
+
+    build_index(x, ids=ids, spec="IVF16,Flat", out=tmp_path / "ivf")
+    _, found = ann_search(q, None, 1500, index=tmp_path / "ivf", params={"nprobe": 1})
+    assert (found == "").any() and set(found[found != ""]) <= set(ids)
+    with pytest.raises(EvalkitError, match="cosine, dot and euclidean"):
+        ann_search(q, blocks_of(x, ids, 700), 5, score="manhattan")
