@@ -124,7 +124,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from evalkit.ann import ann_check, format_ann_summary
+    from evalkit.ann_job import ann_check, format_ann_summary
 
     result = ann_check(
         args.corpus,

@@ -1,6 +1,6 @@
 """`evalkit index build|info`: build a FAISS index over embeddings, or describe a built one.
 
-Thin: parse flags, call evalkit.index.build_index / evalkit.ann.build_corpus_index (imported only
+Thin: parse flags, call evalkit.index.build_index / evalkit.ann_job.build_corpus_index (imported only
 when the command runs), print what was built and why.
 """
 
@@ -91,7 +91,7 @@ def _build(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     else:
-        from evalkit.ann import build_corpus_index
+        from evalkit.ann_job import build_corpus_index
 
         built = build_corpus_index(
             args.corpus,

@@ -1,0 +1,141 @@
+"""Choosing a FAISS index before building it: pure functions of row count, dimension and budget.
+
+1) estimate each candidate's resident size (`estimate_bytes`): raw float32 vectors, HNSW links,
+   IVF ids and centroids, PQ codes;
+2) walk the candidates from most to least accurate (Flat under 100k rows, HNSW32, IVF-Flat,
+   OPQ+IVF-PQ with the widest codes that fit) and take the first that fits the budget;
+3) return the factory string, default search parameters and the reason in one sentence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from evalkit.errors import EvalkitError
+
+FLAT_MAX_ROWS = 100_000  # auto choice: exact search below this many rows
+HNSW_MAX_ROWS = 20_000_000  # auto choice: HNSW graphs above this take too long to build
+HNSW_EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def parse_size(text: str | int | float) -> int:
+    """'4G', '512M', '1.5GB', '300MiB', 10**9 -> bytes (powers of 1024 for the letters)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+        if not match:
+            raise EvalkitError(f"memory size must look like 4G, 512M or 1500000000; got {text!r}")
+        scale = 1024 ** " kmgt".index(match.group(2).lower() or " ")
+        value = int(float(match.group(1)) * scale)
+    if value <= 0:
+        raise EvalkitError(f"memory size must be positive; got {text!r}")
+    return value
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def ivf_nlist(rows: int) -> int:
+    """Inverted lists for an IVF index: the power of two nearest 4*sqrt(rows), at least 16, and
+    never more than rows/39 (FAISS wants ~39 training points per centroid)."""
+    target = 4 * math.sqrt(max(rows, 1))
+    nlist = 2 ** max(4, round(math.log2(target)))
+    while nlist > 16 and nlist * 39 > rows:
+        nlist //= 2
+    return nlist
+
+
+def estimate_bytes(kind: str, rows: int, dim: int, *, hnsw_m: int = 32, pq_m: int = 0) -> int:
+    """Approximate resident size of an index: 'flat', 'hnsw', 'ivf_flat' or 'ivf_pq' (+ 8-byte ids
+    in the lists for IVF)."""
+    vectors = rows * dim * 4
+    if kind == "flat":
+        return vectors
+    if kind == "hnsw":  # level-0 links (2M) + upper levels (~M/(M-1) more), int32 each
+        return vectors + int(rows * hnsw_m * 2 * 4 * 1.05)
+    nlist = ivf_nlist(rows)
+    if kind == "ivf_flat":
+        return vectors + rows * 8 + nlist * dim * 4
+    if kind == "ivf_pq":  # codes + ids + centroids + OPQ matrix + PQ tables
+        return rows * (pq_m + 8) + nlist * dim * 4 + dim * dim * 4 + 256 * dim * 4
+    raise ValueError(kind)
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """What `choose_index` picked: a FAISS factory string, its default search parameters, the
+    estimated resident size and a sentence saying why."""
+
+    spec: str
+    search_params: dict[str, int]
+    estimated_bytes: int
+    reason: str
+
+
+def choose_index(rows: int, dim: int, memory_budget: str | int = "4G") -> IndexChoice:
+    """Pick an index from the row count, dimension and memory budget:
+
+    * fewer than 100,000 rows: `Flat` (exact; scanning them is fast and loses nothing);
+    * up to 20M rows whose HNSW32 graph fits the budget: `HNSW32` (best recall per query time);
+    * else `IVF{n},Flat` with n ~ 4*sqrt(rows) if the raw vectors fit;
+    * else `OPQ{m},IVF{n},PQ{m}` with the most PQ bytes per vector that fit.
+    """
+    if rows <= 0 or dim <= 0:
+        raise EvalkitError(f"cannot index {rows} rows of dimension {dim}")
+    budget = parse_size(memory_budget)
+    size = f"{rows:,} rows x {dim} dims"
+    flat = estimate_bytes("flat", rows, dim)
+    if rows < FLAT_MAX_ROWS and flat <= budget:
+        return IndexChoice(
+            "Flat",
+            {},
+            flat,
+            f"{size} is under {FLAT_MAX_ROWS:,} rows: exact search over {_fmt_bytes(flat)} is fast "
+            "enough and loses nothing",
+        )
+    hnsw = estimate_bytes("hnsw", rows, dim)
+    if rows <= HNSW_MAX_ROWS and hnsw <= budget:
+        return IndexChoice(
+            "HNSW32",
+            {"efSearch": 64},
+            hnsw,
+            f"{size}: an HNSW32 graph (~{_fmt_bytes(hnsw)}) fits the {_fmt_bytes(budget)} budget and "
+            "gives the best recall per query time; no training needed",
+        )
+    nlist = ivf_nlist(rows)
+    ivf = estimate_bytes("ivf_flat", rows, dim)
+    if ivf <= budget:
+        why = "too many rows for an HNSW graph" if rows > HNSW_MAX_ROWS else "HNSW32 does not fit"
+        return IndexChoice(
+            f"IVF{nlist},Flat",
+            {"nprobe": max(1, nlist // 64)},
+            ivf,
+            f"{size}: {why} ({_fmt_bytes(hnsw)} > {_fmt_bytes(budget)} budget or > "
+            f"{HNSW_MAX_ROWS:,} rows); IVF{nlist},Flat (~{_fmt_bytes(ivf)}) keeps exact vectors "
+            f"in {nlist} lists (~4*sqrt(rows))",
+        )
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if dim % m:
+            continue
+        need = estimate_bytes("ivf_pq", rows, dim, pq_m=m)
+        if need <= budget:
+            return IndexChoice(
+                f"OPQ{m},IVF{nlist},PQ{m}",
+                {"nprobe": max(1, nlist // 32)},
+                need,
+                f"{size}: the raw vectors ({_fmt_bytes(flat)}) exceed the {_fmt_bytes(budget)} "
+                f"budget, so vectors are compressed to {m} bytes each with OPQ+PQ "
+                f"(~{_fmt_bytes(need)}) in {nlist} IVF lists",
+            )
+    raise EvalkitError(
+        f"{size} cannot be indexed within a {_fmt_bytes(budget)} memory budget (even 4-byte PQ codes "
+        f"need ~{_fmt_bytes(estimate_bytes('ivf_pq', rows, dim, pq_m=4))}); raise --memory-budget"
+    )
