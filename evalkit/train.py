@@ -25,18 +25,17 @@ Run under `torchrun --nproc_per_node K` and the same call trains with Distribute
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evalkit import _checkpoint as ckpt
 from evalkit.errors import EvalkitError
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -172,7 +170,7 @@ def fit(
     evaluator: Callable[..., dict[str, float]] | None = None,
     eval_every: int | None = None,
     metric: str | None = None,
-    greater_is_better: bool = True,
+    greater_is_better: bool | None = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int | None = None,
     out: str | os.PathLike | None = None,
@@ -193,242 +191,172 @@ def fit(
             a list of InputExample, ...).
         epochs / max_steps: run `max_steps` optimizer steps if given, else `epochs` full epochs.
         batch_size: micro-batch size per process; the effective batch per optimizer step is
-            batch_size x grad_accum x world size.
+            batch_size x grad_accum x processes.
         warmup: warmup steps (>= 1) or a fraction of all steps (< 1); LR then decays linearly to 0.
         max_grad_norm: clip the global gradient norm to this (None or 0: no clipping).
-        evaluator: a sentence-transformers SentenceEvaluator (e.g. evalkit.evaluator's streaming ones),
-            run every `eval_every` steps and at the end; the model with the best `metric`
-            (default: evaluator.primary_metric) is kept in OUT/best. Without one, best = final.
-        checkpoint_every: write OUT/checkpoints/step-N every N steps (and at the end);
-            `keep_checkpoints` keeps only the newest K.
+        evaluator: a sentence-transformers SentenceEvaluator (e.g. evalkit.evaluator's streaming
+            ones), run every `eval_every` steps and at the end; the model with the best `metric`
+            (default: evaluator.primary_metric; higher is better unless `greater_is_better` or the
+            evaluator's own attribute says otherwise) is kept in OUT/best. Without one, best = final.
+        checkpoint_every: write OUT/checkpoints/step-N every N steps and at the end;
+            `keep_checkpoints` keeps only the newest K. Ctrl-C saves one at the last finished step.
         resume: True continues from the newest checkpoint in OUT/checkpoints (a fresh start if
-            there is none); a path resumes from that checkpoint. The data order, optimizer,
-            scheduler, scaler and RNG states continue exactly where they were.
+            there is none); a path resumes from that checkpoint. Data order, optimizer, scheduler,
+            scaler and RNG states continue exactly where they were.
         precision: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "bf16", "fp16".
         label_scale: divide float labels by this (e.g. 5 for STS-B's 0-5 scores with
             CosineSimilarityLoss, whose targets are cosines).
         optimizer: factory taking parameter groups (with their weight decay) -> optimizer;
             default AdamW(lr=lr).
-        callback: called with each step's record (dict) after the optimizer step.
+        callback: called with each step's record (dict) at the end of the step.
     """
     import torch
+    from transformers import get_linear_schedule_with_warmup
 
     _check_args(epochs, max_steps, batch_size, grad_accum, lr, warmup, precision, log_every)
     if len(train_dataset) == 0:
         raise EvalkitError("the training data has no rows")
-    if evaluator is not None and not eval_every:
-        eval_every = None  # evaluate at the end only
     out_dir = Path(out) if out is not None else None
     if (checkpoint_every or resume) and out_dir is None:
         raise EvalkitError("checkpoint_every and resume need an output directory (out=...)")
+    ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
+    if not resume and ckpt.list_checkpoints(ckpt_root):
+        raise EvalkitError(
+            f"{out_dir} already holds checkpoints ({ckpt.list_checkpoints(ckpt_root)[-1].name}); "
+            "resume to continue that run, or give another output directory"
+        )
+    if greater_is_better is None:
+        greater_is_better = getattr(evaluator, "greater_is_better", True)
 
-    dist_ctx, dev = setup_distributed(device)
-    rank, world = dist_ctx.rank, dist_ctx.world
-    is_main = rank == 0
+    # 1) processes, devices, seeds, the data plan
+    ddp, dev = setup_distributed(device)
+    is_main = ddp.rank == 0
     precision = _resolve_precision(precision, dev)
     if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
     _seed_everything(seed)
+    n_rows = len(train_dataset)
+    sampler_args = dict(seed=seed, rank=ddp.rank, world_size=ddp.world, shuffle=shuffle)
+    micro_per_epoch = EpochBatchSampler(n_rows, batch_size, **sampler_args).batches_per_epoch()
+    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
+    total_steps = max_steps if max_steps else epochs * steps_per_epoch
+    warmup_steps = int(warmup) if warmup >= 1 else int(round(warmup * total_steps))
+
+    # 2) model, optimizer, schedule, scaler; restored from a checkpoint when resuming
     model.to(dev)
     loss.to(dev)
     model.train()
     loss.train()
-
-    model_param_ids = {id(p) for p in model.parameters()}
-    extra_params = [
-        p for p in _unique_params(loss) if p.requires_grad and id(p) not in model_param_ids
-    ]
     groups = _param_groups(loss, weight_decay)
     opt = optimizer(groups) if optimizer is not None else torch.optim.AdamW(groups, lr=lr)
-    trainable = [p for g in groups for p in g["params"]]
-
-    sampler_args = dict(seed=seed, rank=rank, world_size=world, shuffle=shuffle)
-    batches_per_epoch = EpochBatchSampler(
-        len(train_dataset), batch_size, **sampler_args
-    ).batches_per_epoch()
-    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
-    total_steps = max_steps if max_steps else epochs * steps_per_epoch
-    warmup_steps = int(warmup) if warmup >= 1 else int(round(warmup * total_steps))
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(opt, warmup_steps, total_steps)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-
-    config = {
-        "n_rows": len(train_dataset), "batch_size": batch_size, "grad_accum": grad_accum,
-        "world_size": world, "seed": seed, "shuffle": shuffle,
-    }  # fmt: skip
+    engine = _Engine(
+        model, loss, opt, get_linear_schedule_with_warmup(opt, warmup_steps, total_steps),
+        torch.amp.GradScaler(dev.type, enabled=precision == "fp16"), precision, max_grad_norm,
+        ddp, dev,
+    )  # fmt: skip
+    config = {"n_rows": n_rows, "batch_size": batch_size, "grad_accum": grad_accum,
+              "world_size": ddp.world, "seed": seed, "shuffle": shuffle}  # fmt: skip
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0, "best": None}
-    ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
-    if not resume and _list_checkpoints(ckpt_root):
-        raise EvalkitError(
-            f"{out_dir} already holds checkpoints ({_list_checkpoints(ckpt_root)[-1].name}); "
-            "resume to continue that run, or give another output directory"
-        )
-    resume_from = _find_resume(resume, ckpt_root) if resume else None
+    resume_from = ckpt.find_resume(resume, ckpt_root) if resume else None
     if resume_from is not None:
-        saved = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)
-        _check_resume_config(saved["config"], config, resume_from)
-        _load_model_weights(model, resume_from / "model")
-        for p, t in zip(extra_params, saved["extra_params"], strict=True):
-            p.data.copy_(t.to(p.device))
-        opt.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        saved = ckpt.load_checkpoint(resume_from, model, config)
+        engine.load_state_dict(saved)
         state.update({k: saved[k] for k in state})
-        _set_rng_state(saved["rng"][rank])
-        logger.info("resuming from %s (step %d)", resume_from, state["step"])
-
+        ckpt.set_rng_state(saved["rng"][ddp.rank])
+        logger.info("resuming from %s at step %d", resume_from, state["step"])
     log_path = out_dir / "log.jsonl" if out_dir is not None else None
-    if is_main and out_dir is not None:
+    if is_main and log_path is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, state["step"])
+        ckpt.trim_log(log_path, state["step"])
+    engine.wrap()
 
-    wrapped = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Sentence-transformers models routinely hold weights no loss reaches (a BERT pooler under
-        # mean pooling), and losses call the model once per text column: DDP must find the unused.
-        wrapped = DistributedDataParallel(
-            model,
-            device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-        _put_model_in_loss(loss, wrapped, model)
-    cached = bool(getattr(loss, "uses_gradient_cache", False)) or hasattr(loss, "forward_cached")
-    autocast = _autocast(precision, dev)
     collate = Collate(model, label_scale)
-
-    start_time = time.perf_counter()
-    start_samples = state["samples"]
+    start_time, start_samples = time.perf_counter(), state["samples"]
     last_loss: float | None = None
-    running: list[float] = []
-    metric_name = metric
+    running: list[torch.Tensor] = []
     last_ckpt: Path | None = resume_from
-    rng_at_step = _rng_state() if checkpoint_every else None
+    rng_at_step = ckpt.rng_state() if checkpoint_every else None
     bar = _progress(total_steps, state["step"], enabled=progress and is_main)
 
-    def save_checkpoint(rng: dict[str, Any] | None = None) -> Path | None:
+    def save_checkpoint(rng: dict[str, Any] | None = None) -> None:
         nonlocal last_ckpt
-        rngs = _gather(rng or _rng_state(), dist_ctx)
+        rngs = _gather(rng or ckpt.rng_state(), ddp)
         if is_main:
-            payload = {
-                **{k: state[k] for k in state}, "config": config, "rng": rngs,
-                "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "extra_params": [p.detach().cpu() for p in extra_params],
-            }  # fmt: skip
-            last_ckpt = _write_checkpoint(
+            payload = {**state, "config": config, "rng": rngs, **engine.state_dict()}
+            last_ckpt = ckpt.write_checkpoint(
                 ckpt_root, state["step"], model, payload, keep_checkpoints
             )
-        _barrier(dist_ctx)
-        return last_ckpt
+        _barrier(ddp)
 
     def run_eval() -> None:
-        nonlocal metric_name
+        nonlocal metric
         if is_main:
             model.eval()
             with torch.no_grad():
+                output_path = str(out_dir / "eval") if out_dir is not None else None
                 scores = evaluator(
-                    model,
-                    output_path=str(out_dir / "eval") if out_dir is not None else None,
-                    epoch=state["epoch"],
-                    steps=state["step"],
+                    model, output_path=output_path, epoch=state["epoch"], steps=state["step"]
                 )
             model.train()
-            metric_name = metric_name or getattr(evaluator, "primary_metric", None)
-            value = _pick_metric(scores, metric_name)
+            metric, value = _pick_metric(
+                scores, metric or getattr(evaluator, "primary_metric", None)
+            )
             best = state["best"]
             improved = best is None or (
                 value > best["value"] if greater_is_better else value < best["value"]
             )
             if improved:
-                state["best"] = {"metric": metric_name, "value": value, "step": state["step"]}
+                state["best"] = {"metric": metric, "value": value, "step": state["step"]}
                 if out_dir is not None:
-                    _save_model_atomic(model, out_dir / "best")
-            record = {"step": state["step"], "epoch": state["epoch"], "eval": _jsonable(scores)}
-            record["best"] = state["best"]
-            _append_log(log_path, record)
-            bar.write(
-                f"step {state['step']}: {metric_name} = {value:.4f}"
-                + (" (best)" if improved else "")
+                    ckpt.save_model_atomic(model, out_dir / "best")
+            ckpt.append_log(
+                log_path, {"step": state["step"], "eval": _jsonable(scores), "best": state["best"]}
             )
-        _barrier(dist_ctx)
+            bar.write(
+                f"step {state['step']}: {metric} = {value:.4f}" + (" (best)" if improved else "")
+            )
+        _barrier(ddp)
 
+    # 3) the loop: epochs of micro-batches, `grad_accum` of them per optimizer step
     try:
         while state["step"] < total_steps:
             if state["step_in_epoch"] >= steps_per_epoch:
                 state["epoch"] += 1
                 state["step_in_epoch"] = 0
-            sampler = EpochBatchSampler(
-                len(train_dataset), batch_size, epoch=state["epoch"],
-                start=state["step_in_epoch"] * grad_accum, **sampler_args,
-            )  # fmt: skip
+            sampler = EpochBatchSampler(n_rows, batch_size, epoch=state["epoch"],
+                                        start=state["step_in_epoch"] * grad_accum, **sampler_args)  # fmt: skip
             loader = _loader(
                 train_dataset, sampler, collate, num_workers, dev, seed + state["epoch"]
             )
-            micro_left = len(sampler)
-            batches = iter(loader)
+            micro_left, batches = len(sampler), iter(loader)
             while state["step"] < total_steps and micro_left > 0:
                 n_micro = min(grad_accum, micro_left)
                 micro_left -= n_micro
-                step_loss, step_rows = 0.0, 0
-                for i in range(n_micro):
-                    features, labels = next(batches)
-                    labels = labels.to(dev, non_blocking=True)
-                    features = [{k: _to(v, dev) for k, v in f.items()} for f in features]
-                    sync = world == 1 or i == n_micro - 1
-                    with contextlib.nullcontext() if sync else wrapped.no_sync():
-                        with autocast:
-                            value = loss(features, labels)
-                            if isinstance(value, dict):
-                                value = torch.stack(list(value.values())).sum()
-                            scaled = value / n_micro
-                            if (
-                                cached
-                            ):  # GradCache replays the forward inside backward: same precision
-                                scaler.scale(scaled).backward()
-                        if not cached:
-                            scaler.scale(scaled).backward()
-                    step_loss += float(value.detach()) / n_micro
-                    step_rows += len(labels)
-                if world > 1 and extra_params:
-                    _all_reduce_mean([p.grad for p in extra_params if p.grad is not None], dist_ctx)
-                scaler.unscale_(opt)
-                grad_norm = None
-                if max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
-                scale_before = scaler.get_scale()
-                scaler.step(opt)
-                scaler.update()
-                if scaler.get_scale() >= scale_before:  # an fp16 overflow skips the step
-                    scheduler.step()
-                opt.zero_grad(set_to_none=True)
-
+                step_loss, rows, grad_norm = engine.step(batches, n_micro)
                 state["step"] += 1
                 state["step_in_epoch"] += 1
-                state["samples"] += step_rows * world
+                state["samples"] += rows * ddp.world
                 running.append(step_loss)
                 if checkpoint_every:
-                    rng_at_step = _rng_state()
-                elapsed = time.perf_counter() - start_time
-                rate = (state["samples"] - start_samples) / max(elapsed, 1e-9)
+                    rng_at_step = ckpt.rng_state()
+                final = state["step"] == total_steps
+                rate = (state["samples"] - start_samples) / max(
+                    time.perf_counter() - start_time, 1e-9
+                )
                 record = {
-                    "step": state["step"], "loss": step_loss,
+                    "step": state["step"], "loss": None,
                     "epoch": round(state["epoch"] + state["step_in_epoch"] / steps_per_epoch, 4),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "lr": engine.scheduler.get_last_lr()[0], "grad_norm": None,
                     "samples": state["samples"], "samples_per_s": rate,
                 }  # fmt: skip
-                last_loss = step_loss
-                final = state["step"] == total_steps
-                if state["step"] % log_every == 0 or final:
-                    record["loss"] = last_loss = _mean_across(running, dist_ctx)
+                if state["step"] % log_every == 0 or final:  # the only host syncs of a step
+                    record["loss"] = last_loss = _mean_across(running, ddp)
+                    record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
                     running.clear()
                     if is_main:
-                        _append_log(log_path, record)
+                        ckpt.append_log(log_path, record)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
                 if evaluator is not None and (
                     final or (eval_every and state["step"] % eval_every == 0)
                 ):
@@ -436,25 +364,24 @@ def fit(
                 if checkpoint_every and (final or state["step"] % checkpoint_every == 0):
                     save_checkpoint()
                 if callback is not None:
+                    record["loss"] = float(step_loss) if record["loss"] is None else record["loss"]
                     callback(record)
             del batches, loader
     except KeyboardInterrupt:
-        if world == 1 and checkpoint_every and state["step"] and rng_at_step is not None:
-            opt.zero_grad(set_to_none=True)
+        if ddp.world == 1 and checkpoint_every and state["step"] and rng_at_step is not None:
             logger.warning("interrupted: saving a checkpoint at step %d", state["step"])
+            engine.opt.zero_grad(set_to_none=True)
             save_checkpoint(rng_at_step)
         raise
     finally:
         bar.close()
-        if world > 1:
-            _put_model_in_loss(loss, model, model)
+        engine.unwrap()
 
-    best_dir = None
-    if is_main and out_dir is not None:
-        best_dir = out_dir / "best"
-        if evaluator is None or not best_dir.exists():
-            _save_model_atomic(model, best_dir)
-    _barrier(dist_ctx)
+    # 4) the best model (= the final one without an evaluator) and the result
+    best_dir = out_dir / "best" if out_dir is not None else None
+    if is_main and best_dir is not None and (evaluator is None or not best_dir.exists()):
+        ckpt.save_model_atomic(model, best_dir)
+    _barrier(ddp)
     elapsed = time.perf_counter() - start_time
     best = state["best"] or {}
     result = FitResult(
@@ -471,15 +398,111 @@ def fit(
         seconds=elapsed,
         samples_per_second=(state["samples"] - start_samples) / max(elapsed, 1e-9),
         precision=precision,
-        world_size=world,
+        world_size=ddp.world,
     )
     if is_main and out_dir is not None:
-        _write_json_atomic(out_dir / "result.json", result.to_dict())
-    if dist_ctx.initialized_here:
+        ckpt.write_json_atomic(out_dir / "result.json", result.to_dict())
+    if ddp.initialized_here:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return result
+
+
+class _Engine:
+    """One optimizer step from `n_micro` micro-batches, and the state a checkpoint needs."""
+
+    def __init__(self, model, loss, opt, scheduler, scaler, precision, max_grad_norm, ddp, dev):
+        self.model, self.loss, self.opt, self.scheduler, self.scaler = (
+            model,
+            loss,
+            opt,
+            scheduler,
+            scaler,
+        )
+        self.max_grad_norm, self.ddp, self.dev = max_grad_norm, ddp, dev
+        self.autocast = _autocast(precision, dev)
+        self.trainable = [p for g in opt.param_groups for p in g["params"]]
+        own = {id(p) for p in model.parameters()}
+        self.extra = [p for p in self.trainable if id(p) not in own]  # the loss's own weights
+        # GradCache losses run their second forward inside backward(): keep it under autocast.
+        self.cached = bool(getattr(loss, "uses_gradient_cache", False)) or hasattr(
+            loss, "forward_cached"
+        )
+        self.wrapped = model
+
+    def wrap(self) -> None:
+        if self.ddp.world == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Sentence-transformers models routinely hold weights no loss reaches (a BERT pooler under
+        # mean pooling), and losses call the model once per text column: DDP must find the unused.
+        self.wrapped = DistributedDataParallel(
+            self.model,
+            device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+        _put_model_in_loss(self.loss, self.wrapped, self.model)
+
+    def unwrap(self) -> None:
+        if self.wrapped is not self.model:
+            _put_model_in_loss(self.loss, self.model, self.model)
+            self.wrapped = self.model
+
+    def step(
+        self, batches: Iterator, n_micro: int
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """-> (mean loss over the micro-batches, rows seen, gradient norm before clipping)."""
+        import torch
+
+        total, rows = torch.zeros((), device=self.dev), 0
+        for i in range(n_micro):
+            features, labels = next(batches)
+            labels = labels.to(self.dev, non_blocking=True)
+            features = [{k: _to(v, self.dev) for k, v in f.items()} for f in features]
+            # under DDP, all-reduce the gradients once per step: on the last micro-batch
+            last = self.ddp.world == 1 or i == n_micro - 1
+            with contextlib.nullcontext() if last else self.wrapped.no_sync():
+                with self.autocast:
+                    value = self.loss(features, labels)
+                    if isinstance(value, dict):  # losses that report their components
+                        value = torch.stack(list(value.values())).sum()
+                    scaled = self.scaler.scale(value / n_micro)
+                    if self.cached:
+                        scaled.backward()
+                if not self.cached:
+                    scaled.backward()
+            total += value.detach().float() / n_micro
+            rows += len(labels)
+        if self.ddp.world > 1 and self.extra:
+            _all_reduce_mean([p.grad for p in self.extra if p.grad is not None], self.ddp)
+        self.scaler.unscale_(self.opt)
+        norm = None
+        if self.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if scale_before is None or self.scaler.get_scale() >= scale_before:
+            self.scheduler.step()  # an fp16 overflow skipped the optimizer step: skip this too
+        self.opt.zero_grad(set_to_none=True)
+        return total, rows, norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "extra_params": [p.detach().cpu() for p in self.extra],
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for p, t in zip(self.extra, saved["extra_params"], strict=True):
+            p.data.copy_(t.to(p.device))
+        self.opt.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -668,145 +691,29 @@ def _all_reduce_mean(tensors: list[torch.Tensor], ctx: _Dist) -> None:
         t.div_(ctx.world)
 
 
-def _mean_across(values: list[float], ctx: _Dist) -> float:
-    mean = sum(values) / max(len(values), 1)
-    if ctx.world == 1:
-        return mean
-    import torch
-    import torch.distributed as dist
-
-    backend_cuda = dist.get_backend() == "nccl"
-    t = torch.tensor([mean], device="cuda" if backend_cuda else "cpu")
-    dist.all_reduce(t)
-    return float(t) / ctx.world
-
-
-# ---------------------------------------------------------------------------- RNG states
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
+def _mean_across(values: list[torch.Tensor], ctx: _Dist) -> float:
+    """Mean of this process's step losses, averaged over all processes (one host sync)."""
     import torch
 
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    mean = torch.stack(values).mean()
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(mean)
+        mean = mean / ctx.world
+    return float(mean)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---------------------------------------------------------------------------- evaluation results
 
 
-# ---------------------------------------------------------------------------- files
-
-
-def _write_checkpoint(root: Path, step: int, model: Any, payload: dict, keep: int | None) -> Path:
-    """Write checkpoints/step-N via a temporary directory and one rename; prune old ones."""
-    import torch
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_model(model, tmp / "model")
-    torch.save(payload, tmp / STATE_FILE)
-    _write_json_atomic(
-        tmp / "state.json",
-        {k: payload[k] for k in ("step", "epoch", "step_in_epoch", "samples", "best", "config")},
-    )
-    _replace_dir(tmp, final)
-    if keep:
-        for old in _list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _save_model_atomic(model: Any, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_model(model, tmp)
-    _replace_dir(tmp, dest)
-
-
-def _save_model(model: Any, path: Path) -> None:
-    """model.save() without transformers' per-shard progress bar breaking into ours."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save(str(path), create_model_card=False)
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Swap `src` into place as `dest`: at every instant one complete copy exists on disk."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _list_checkpoints(root: Path | None) -> list[Path]:
-    if root is None or not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
-            found.append((int(p.name[5:]), p))
-    return [p for _, p in sorted(found)]
-
-
-def _find_resume(resume: bool | str | os.PathLike, root: Path | None) -> Path | None:
-    if resume is True:
-        found = _list_checkpoints(root)
-        if not found:
-            logger.info("no checkpoint in %s: starting from scratch", root)
-            return None
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise EvalkitError(
-            f"resume={str(path)!r} is not a checkpoint directory (no {STATE_FILE} in it)"
-        )
-    return path
-
-
-def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
-    diffs = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in now.items() if saved.get(k) != v]
-    if diffs:
-        raise EvalkitError(
-            f"cannot resume exactly from {path}: the run changed ({'; '.join(diffs)}); "
-            "resume with the same data, batch size, grad accumulation, seed and number of processes"
-        )
-
-
-def _load_model_weights(model: Any, path: Path) -> None:
-    saved = type(model)(str(path), device="cpu")
-    model.load_state_dict(saved.state_dict())
-
-
-def _pick_metric(scores: dict[str, float], name: str | None) -> float:
+def _pick_metric(scores: dict[str, float], name: str | None) -> tuple[str, float]:
+    """-> (key, value) of `name` in the evaluator's results (which may prefix it with its name)."""
     if name in scores:
-        return float(scores[name])
+        return name, float(scores[name])
     matches = [k for k in scores if name and k.endswith(f"_{name}")]
     if len(matches) == 1:
-        return float(scores[matches[0]])
+        return matches[0], float(scores[matches[0]])
     raise EvalkitError(
         f"metric {name!r} is not among the evaluator's results: {', '.join(sorted(scores))}"
     )
@@ -817,28 +724,3 @@ def _jsonable(scores: dict[str, Any]) -> dict[str, Any]:
         k: float(v) if isinstance(v, int | float) or hasattr(v, "item") else v
         for k, v in scores.items()
     }
-
-
-def _append_log(path: Path | None, record: dict[str, Any]) -> None:
-    if path is None:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log records written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
