@@ -275,3 +275,55 @@ def test_ann_search_is_a_drop_in_for_exact_search(corpus, tmp_path):
     assert (found == "").any() and set(found[found != ""]) <= set(ids)
     with pytest.raises(EvalkitError, match="cosine, dot and euclidean"):
         ann_search(q, blocks_of(x, ids, 700), 5, score="manhattan")
+
+
+def test_precomputed_embeddings_index_build_and_sampled_check(tiny_model_dir, tmp_path, capsys):
+    from evalkit.index import load_index
+    from evalkit.precompute import load_manifest, run_precompute
+
+    rng = np.random.default_rng(3)
+    with open(tmp_path / "texts.csv", "w") as f:
+        f.write("id,text\n")
+        for i in range(500):
+            f.write(f"t{i},{' '.join(rng.choice(WORDS, 6))} {i}\n")
+    emb = tmp_path / "emb"
+    run_precompute(
+        str(tmp_path / "texts.csv"), column="text", id_column="id", out=emb,
+        model=str(tiny_model_dir), cache=str(tmp_path / "cache"), device="cpu",
+    )  # fmt: skip
+    fp = load_manifest(emb)["model_fingerprint"]
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(emb),
+                "--index",
+                "HNSW8",
+                "--out",
+                str(tmp_path / "idx"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    idx = load_index(tmp_path / "idx", model_fingerprint=fp)
+    assert idx.meta["model_fingerprint"] == fp and idx.rows == 500
+    assert idx.ids_of(idx.search(idx.index.reconstruct_n(0, 3), 1)[1])[:, 0].tolist() == [
+        "t0",
+        "t1",
+        "t2",
+    ]
+    code = main(
+        ["ann-check", "--embeddings", str(emb), "--index", "IVF4,Flat", "--sample-queries", "50",
+         "--min-recall", "0.5", "--latency-queries", "3", "--out", str(tmp_path / "out"), "--quiet"]
+    )  # fmt: skip
+    result = json.loads((tmp_path / "out" / "ann.json").read_text())
+    assert (
+        code == 0
+        and result["queries_sampled"]
+        and result["rows"] == 450
+        and result["queries"] == 50
+    )
+    assert result["model_fingerprint"] == fp
