@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 NULL_POLICIES = ("keep", "error", "skip", "empty")
-_BATCH_READAHEAD = 2  # batches decoded ahead of the writer: bounds RAM (measured below)
+_BATCH_READAHEAD = 1  # batches decoded ahead of the writer: bounds RAM (measured below)
 _FRAGMENT_READAHEAD = 1
 
 
@@ -296,7 +296,13 @@ class _Scan:
         self.batch_size = batch_size
         kwargs = {"columns": self.columns, "filter": self.filter, "batch_size": batch_size}
         if opened.dataset is not None:
-            kwargs.update(batch_readahead=_BATCH_READAHEAD, fragment_readahead=_FRAGMENT_READAHEAD)
+            # One decode thread: parallel decoding of row groups holds several decoded groups at
+            # once (measured on a 2 GB Parquet: 250-570 MB RssAnon growth threaded, ~110-170 MB not).
+            kwargs.update(
+                batch_readahead=_BATCH_READAHEAD,
+                fragment_readahead=_FRAGMENT_READAHEAD,
+                use_threads=False,
+            )
             self.scanner = _guard(opened, lambda: opened.dataset.scanner(**kwargs))
         else:
             self.scanner = _guard(opened, lambda: ds.Scanner.from_batches(opened.reader, **kwargs))
