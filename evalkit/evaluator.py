@@ -168,12 +168,34 @@ def retrieval_pass(
     ranked = [[str(d) for d in row if str(d) != ""] for row in np.asarray(top_ids)]
     scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]
     metric.update(list(query_ids), ranked, scores)
-    metrics = metric.compute()
+    metrics = _average(metric, dialect)
     if ignore_identical_ids:
         ranked = [[d for d in r if d != q] for q, r in zip(query_ids, ranked, strict=True)]
     curve = _recall_curve(qrels, query_ids, ranked, metric.max_k)
     timings = {"encode_queries_s": t_queries, "corpus_encode_and_search_s": t_search}
     return metrics, curve, timings
+
+
+def _average(metric: Any, dialect: str) -> dict[str, float]:
+    """Mean over queries of every metric, summed in the order the reference sums it, so results
+    equal it bit for bit: InformationRetrievalEvaluator uses numpy's mean for precision, recall,
+    nDCG and MAP and a running sum / n for accuracy and MRR; MTEB (trec_eval) a running sum / n."""
+    per_query = metric.compute_per_query()
+    if not per_query:
+        return metric.compute()  # raises the metric's own "no query" error
+    n = len(per_query)
+    out = {}
+    for key in metric.keys:
+        values = [v[key] for v in per_query.values()]
+        family = key.rsplit("_", 1)[-1].split("@")[0]
+        if dialect == "sentence-transformers" and family not in ("accuracy", "mrr"):
+            out[key] = float(np.mean(values))
+        else:
+            total = 0.0
+            for value in values:
+                total += value
+            out[key] = total / n
+    return out
 
 
 def _recall_curve(qrels, query_ids, ranked, max_k: int) -> np.ndarray:
