@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus-block", type=int, default=16_384, help="documents per encode/search block"
     )
     parser.add_argument(
+        "--batch-size", type=int, default=256, help="encoding batch size of the big run"
+    )
+    parser.add_argument(
+        "--max-seq-length", type=int, default=32, help="tiny model's max tokens per text"
+    )
+    parser.add_argument(
         "--workdir", default="/tmp/evalkit-bench-evaluate", help="where corpus, model and store go"
     )
     parser.add_argument(
