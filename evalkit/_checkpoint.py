@@ -82,9 +82,13 @@ def save_model(model: Any, path: Path) -> None:
 
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    st_logger = logging.getLogger("sentence_transformers")  # its "Saving model to ..." INFO line
+    level = st_logger.level
+    st_logger.setLevel(max(level, logging.WARNING))
     try:
         model.save(str(path), create_model_card=False)
     finally:
+        st_logger.setLevel(level)
         if enabled:
             hf_logging.enable_progress_bar()
 

@@ -248,7 +248,7 @@ def fit(
     model.train()
     loss.train()
     groups = _param_groups(loss, weight_decay)
-    opt = optimizer(groups) if optimizer is not None else torch.optim.AdamW(groups, lr=lr)
+    opt = optimizer(groups) if optimizer is not None else _adamw(groups, lr)
     engine = _Engine(
         model, loss, opt, get_linear_schedule_with_warmup(opt, warmup_steps, total_steps),
         torch.amp.GradScaler(dev.type, enabled=precision == "fp16"), precision, max_grad_norm,
@@ -619,6 +619,17 @@ def _param_groups(loss: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where torch can (CPU and CUDA, torch >= 2.4): on
+    CPU the default per-tensor loop costs a sixth of a small model's step."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def _put_model_in_loss(loss: torch.nn.Module, new: Any, original: Any) -> None:

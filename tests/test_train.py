@@ -160,22 +160,32 @@ def test_cached_mnrl_runs_under_bf16_autocast(model_dirs, pairs_arrow):
     assert result.precision == "bf16" and result.final_loss == result.final_loss  # not NaN
 
 
+# 64 rows / batch 6 -> 11 micro-batches -> 6 steps per epoch: step 7 is mid-epoch 2.
+RESUME_ARGS = dict(
+    max_steps=12, batch_size=6, grad_accum=2, lr=5e-4, warmup=2, checkpoint_every=5, log_every=1
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dirs, pairs_arrow, tmp_path_factory):
+    """One uninterrupted 12-step run (dropout on): its final weights and its output directory."""
+    out = tmp_path_factory.mktemp("resume") / "full"
+    model = _load(model_dirs["dropout"])
+    data = PairDataset(pairs_arrow, ["s1", "s2"], "score")
+    result = fit(model, data, losses.CosineSimilarityLoss(model), out=out, **RESUME_ARGS, **QUIET)
+    return result, _weights(model), out
+
+
 @pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
-def test_resume_ends_with_the_same_weights(model_dirs, pairs_arrow, tmp_path, interrupt):
+def test_resume_ends_with_the_same_weights(
+    model_dirs, pairs_arrow, tmp_path, interrupt, uninterrupted
+):
     """Interrupted after step 7 (checkpoints every 5; Ctrl-C saves one on the way out) and resumed:
     the same final weights and losses as one uninterrupted run, dropout on, across epochs."""
     data = PairDataset(pairs_arrow, ["s1", "s2"], "score")
-    # 64 rows / batch 6 -> 11 micro-batches -> 6 steps per epoch: step 7 is mid-epoch 2.
-    args = dict(
-        max_steps=12, batch_size=6, grad_accum=2, lr=5e-4, warmup=2, checkpoint_every=5, log_every=1
-    )
+    args = RESUME_ARGS
     workers = 1 if interrupt is KeyboardInterrupt else 0
-
-    model = _load(model_dirs["dropout"])
-    full = fit(
-        model, data, losses.CosineSimilarityLoss(model), out=tmp_path / "full", **args, **QUIET
-    )
-    expected = _weights(model)
+    full, expected, full_dir = uninterrupted
 
     def stop(record):
         if record["step"] == 7:
@@ -214,10 +224,10 @@ def test_resume_ends_with_the_same_weights(model_dirs, pairs_arrow, tmp_path, in
     assert _max_diff(expected, _weights(_load(tmp_path / "cut" / "best"))) < 1e-6
 
     def losses_of(run):
-        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        lines = (run / "log.jsonl").read_text().splitlines()
         return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
-    cut, uncut = losses_of("cut"), losses_of("full")
+    cut, uncut = losses_of(tmp_path / "cut"), losses_of(full_dir)
     assert [s for s, _ in cut] == [s for s, _ in uncut] == list(range(1, 13))  # no duplicates
     assert [v for _, v in cut] == pytest.approx([v for _, v in uncut], abs=1e-6)
 
