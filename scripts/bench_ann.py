@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         flat["sweep"][0]["ratio"] = 1.0
         results.append(flat)
         runs = [("auto", auto.spec), ("hnsw", "HNSW32"), ("ivf", ivf)]
-        done = {}
+        done = {"Flat": flat}
         for name, spec in runs:
             if spec in done:  # the auto choice is one of the others: reuse its figures
                 print(f"{name}: same index as {done[spec]['name']} ({spec})", flush=True)
