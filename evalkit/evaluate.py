@@ -439,8 +439,8 @@ def evaluate_retrieval(
     dialect="sentence-transformers" gives InformationRetrievalEvaluator's numbers; "trec_eval"
     pytrec_eval's (as BEIR and MTEB report them). Metrics: accuracy/precision/recall/MRR/nDCG/MAP
     at every k in `k_values`, keyed like `cosine_ndcg@10`. Memory: O(queries x max k + corpus_block
-    x dim + ~20 bytes per corpus id). `index`: an object with .search(query_emb, k) -> (scores,
-    ids) standing in for exact search. `ignore_identical_ids` drops a result whose id equals the
+    x dim + ~20 bytes per corpus id). `index`: search with a FAISS index instead
+    (evalkit.ann.ann_search): a factory string, "auto", a built index folder or an EmbeddingIndex. `ignore_identical_ids` drops a result whose id equals the
     query id (BEIR/MTEB option). See evaluate_pairs for model/cache/out.
     """
     from evalkit import beir, report
@@ -483,7 +483,7 @@ def evaluate_retrieval(
         "primary_metric": f"{score}_ndcg@{10 if 10 in ks else max(ks)}",
         "headline": [h for h in headline if h in metrics] or list(metrics)[:6],
         "k_values": ks,
-        "search": "exact" if index is None else type(index).__name__,
+        "search": "exact" if index is None else f"ann:{getattr(index, 'spec', index)}",
         "model": encoder.model_info(),
         "data": {
             "paths": {"corpus": str(corpus), "queries": str(queries), "qrels": str(qrels)},

@@ -162,8 +162,17 @@ def retrieval_pass(
         top_scores, top_ids = exact_search(
             query_emb, blocks(), metric.depth, score=score_name, dialect=dialect
         )
-    else:
-        top_scores, top_ids = index.search(query_emb, metric.depth)
+    else:  # a FAISS factory string, "auto", a folder from `evalkit index build`, an EmbeddingIndex
+        from evalkit.ann import ann_search
+
+        top_scores, top_ids = ann_search(
+            query_emb,
+            blocks(),
+            metric.depth,
+            index=index,
+            score=score_name,
+            model_fingerprint=encoder.fingerprint,
+        )
     t_search = time.perf_counter() - t
     ranked = [[str(d) for d in row if str(d) != ""] for row in np.asarray(top_ids)]
     scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]

@@ -327,3 +327,25 @@ def test_precomputed_embeddings_index_build_and_sampled_check(tiny_model_dir, tm
         and result["queries"] == 50
     )
     assert result["model_fingerprint"] == fp
+
+
+def test_evaluate_retrieval_with_an_index(beir_set, tiny_model_dir, tmp_path):
+    """`evalkit evaluate retrieval --index SPEC`: Flat reproduces exact search; HNSW is close."""
+    from evalkit.evaluate import evaluate_retrieval
+    from evalkit.models import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    paths = [str(beir_set / name) for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv")]
+    kw = {
+        "model": model,
+        "cache": str(tmp_path / "cache"),
+        "progress": False,
+        "k_values": [10, 100],
+    }
+    exact = evaluate_retrieval(*paths, **kw)
+    flat = evaluate_retrieval(*paths, index="Flat", **kw)
+    assert flat["search"] == "ann:Flat" and exact["search"] == "exact"
+    for key, value in exact["metrics"].items():
+        assert flat["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    hnsw = evaluate_retrieval(*paths, index="HNSW16", **kw)
+    assert abs(hnsw["metrics"]["cosine_ndcg@10"] - exact["metrics"]["cosine_ndcg@10"]) < 0.1

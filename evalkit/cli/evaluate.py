@@ -121,6 +121,14 @@ def add_parser(subparsers) -> None:
         help="documents encoded and searched per block (bounds memory)",
     )
     r.add_argument(
+        "--index",
+        default=None,
+        metavar="SPEC",
+        help="search with a FAISS index instead of exact search: a factory string (HNSW32, "
+        "IVF1024,Flat, ...), auto, or a folder from `evalkit index build`; check what it loses "
+        "with `evalkit ann-check`",
+    )
+    r.add_argument(
         "--ignore-identical-ids",
         action="store_true",
         help="drop a document whose id equals the query id from its results (BEIR/MTEB option)",
@@ -197,6 +205,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
         k_values=args.k_values,
         corpus_block=args.corpus_block,
         ignore_identical_ids=args.ignore_identical_ids,
+        index=args.index,
         **_model_kwargs(args),
         **source_options(args),
     )
