@@ -86,7 +86,6 @@ class Encoder:
                 self._fingerprint = _memo_lookup(self._memo_key)
         else:
             self._model = model
-            _settle_tokenizer(model)
             self.path = type(model).__name__
         self.hits = 0  # merge: add
         self.misses = 0  # merge: add
@@ -100,7 +99,6 @@ class Encoder:
 
             t = time.perf_counter()
             self._model = load_model(self.path, device=self.device)
-            _settle_tokenizer(self._model)
             self.load_s += time.perf_counter() - t
         return self._model
 
@@ -256,27 +254,6 @@ def _similarity_fn_name(path: str) -> str:
     except (OSError, ValueError):
         return "cosine"
     return str(config.get("similarity_fn_name") or "cosine")
-
-
-def _settle_tokenizer(model: Any) -> None:
-    """Tokenize once so the fast tokenizer's padding state is the one every encode leaves behind.
-
-    A freshly loaded tokenizer carries the padding saved in tokenizer.json ("Fixed"); the first
-    encode switches it to "BatchLongest" for good. evalkit.fingerprint hashes that state, so
-    without this the first encode call of a process keys its vectors differently from later
-    calls and from the next run (which then misses the store).
-    """
-    import warnings
-
-    preprocess = getattr(model, "preprocess", None) or getattr(model, "tokenize", None)
-    if preprocess is None:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            preprocess(["evalkit"])
-        except Exception as exc:  # a custom model without text preprocessing: nothing to settle
-            logger.debug("tokenizer warm-up skipped: %s", exc)
 
 
 def _open_store(cache: Any):

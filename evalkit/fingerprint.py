@@ -118,7 +118,13 @@ def _tokenizer_state(tokenizer: Any) -> str:
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        # Drop the per-call padding/truncation state: HF switches it on the first encode call
+        # (saved "Fixed" padding -> "BatchLongest"), it does not change embeddings (attention
+        # masks hide padding), and the truncation length is hashed as max_seq_length.
+        state = json.loads(backend.to_str())
+        state.pop("padding", None)
+        state.pop("truncation", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
     elif hasattr(tokenizer, "get_vocab"):
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     init = getattr(tokenizer, "init_kwargs", {}) or {}

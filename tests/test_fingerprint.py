@@ -125,3 +125,15 @@ def test_data_fingerprint_of_a_table():
     t = pa.table({"text": ["a", "b"]})
     assert data_fingerprint(t) == data_fingerprint(pa.table({"text": ["a", "b"]}))
     assert data_fingerprint(t) != data_fingerprint(pa.table({"text": ["a", "c"]}))
+
+
+def test_fingerprint_is_stable_across_the_first_encode_call(tiny_model_dir):
+    """HF tokenizers switch their padding state on the first encode; that must not change keys."""
+    from sentence_transformers import SentenceTransformer
+
+    from evalkit.fingerprint import model_fingerprint
+
+    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    before = model_fingerprint(model, refresh=True)
+    model.encode(["a short text", "a somewhat longer text to pad against"], batch_size=2)
+    assert model_fingerprint(model, refresh=True) == before
