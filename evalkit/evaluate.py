@@ -198,7 +198,10 @@ def _memo_key(path: str, dtype: str, device: str) -> str:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
+    from evalkit.fingerprint import FINGERPRINT_VERSION
+
     h = hashlib.blake2b(digest_size=16)
+    h.update(f"{FINGERPRINT_VERSION}\n".encode())  # a new fingerprint scheme invalidates memos
     for pkg in ("sentence-transformers", "transformers", "torch", "tokenizers"):
         try:
             h.update(f"{pkg}={version(pkg)}\n".encode())

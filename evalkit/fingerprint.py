@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-FINGERPRINT_VERSION = "evalkit-fp-1"
+FINGERPRINT_VERSION = "evalkit-fp-2"
 _SAMPLE = 16  # values sampled per tensor for the cheap staleness check
 _BLOCK = 64 * 1024
 _N_BLOCKS = 16
