@@ -330,9 +330,16 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
             f"- embedding store: {cache.get('hits', 0)} hits / {cache.get('misses', 0)} misses"
             f" ({100 * cache.get('hit_rate', 0.0):.1f}% hits) in `{cache.get('dir')}`"
         )
-    if timings:
+    spans = {k: v for k, v in timings.items() if v is not None and "_per_" not in k}
+    rates = {k: v for k, v in timings.items() if v is not None and "_per_" in k}
+    if spans:
         out.append(
-            "- time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items())
+            "- time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in spans.items())
+        )
+    if rates:
+        out.append(
+            "- speed: "
+            + ", ".join(f"{v:,.1f} {k.replace('_per_s', '/s')}" for k, v in rates.items())
         )
     out += ["", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_fmt(v)} |" for k, v in result.get("metrics", {}).items()]
