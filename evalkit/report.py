@@ -197,20 +197,23 @@ def plot_score_distribution(
     plt = _pyplot()
     if plt is None:
         return None
+    groups = [(label, c) for label, c in hist.groups() if c.sum() > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    edges = hist.edges
-    centers = (edges[:-1] + edges[1:]) / 2
-    used = np.zeros(hist.bins, dtype=bool)
-    for label, counts in hist.groups():
-        total = counts.sum()
-        if total == 0:
-            continue
-        used |= counts > 0
-        density = counts / total / (edges[1] - edges[0])
-        ax.plot(centers, density, label=f"{label} (n={int(total)})", linewidth=1.2)
-    if used.any():
-        first, last = np.flatnonzero(used)[[0, -1]]
-        ax.set_xlim(edges[max(first - 2, 0)], edges[min(last + 3, hist.bins)])
+    if groups:
+        # merge the fine counting bins into display bins: ~2 sqrt(n) over the range in use
+        used = np.flatnonzero(sum(c for _, c in groups) > 0)
+        first, last = int(used[0]), int(used[-1]) + 1
+        smallest = min(int(c.sum()) for _, c in groups)
+        target = int(np.clip(2 * np.sqrt(smallest), 8, 60))
+        factor = max(1, -(-(last - first) // target))
+        starts = np.arange(first, last, factor)
+        edges = hist.edges[np.append(starts, min(starts[-1] + factor, hist.bins))]
+        for label, counts in groups:
+            merged = np.add.reduceat(counts, starts)[: len(starts)]
+            merged[-1] = counts[starts[-1] : last].sum()
+            density = merged / counts.sum() / np.diff(edges)
+            ax.stairs(density, edges, label=f"{label} (n={int(counts.sum())})", linewidth=1.4)
+        ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("density")
     ax.set_title(title)
