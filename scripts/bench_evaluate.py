@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parity(args, workdir: Path) -> bool:
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     from evalkit import beir
     from evalkit.evaluate import evaluate_retrieval

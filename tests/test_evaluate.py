@@ -125,7 +125,7 @@ def test_pairs_result_structure_and_files(stsb_small, tiny_model_dir, tmp_path):
 
 
 def test_pairs_similarity_equals_sentence_transformers(stsb_small, stsb_rows, tiny_model):
-    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     s1, s2, gold = stsb_rows
     ref = EmbeddingSimilarityEvaluator(
@@ -142,7 +142,7 @@ def test_pairs_similarity_equals_sentence_transformers(stsb_small, stsb_rows, ti
 
 
 def test_pairs_classification_equals_sentence_transformers(mrpc_small, tiny_model, tmp_path):
-    from sentence_transformers.evaluation import BinaryClassificationEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator
 
     path, s1, s2, labels = mrpc_small
     ref = BinaryClassificationEvaluator(
@@ -162,7 +162,7 @@ def test_pairs_classification_equals_sentence_transformers(mrpc_small, tiny_mode
 # Retrieval parity runs the real MiniLM: a random tiny model packs all cosines within ~1e-3 of
 # each other, so float noise between torch and numpy matmuls could swap deep ranks.
 def test_retrieval_equals_information_retrieval_evaluator(scifact_small, minilm, tmp_path):
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     folder, corpus, queries, qrels = scifact_small
     ks = [1, 3, 5, 10, 100]

@@ -36,7 +36,7 @@ def test_import_is_cheap_and_classes_subclass_sentence_evaluator():
 
 
 def test_similarity_evaluator_with_the_st_signature(shared_data, tiny_model, tmp_path):
-    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     s1, s2, gold = _stsb(shared_data)
     evaluator = ev.StreamingSimilarityEvaluator(
@@ -74,7 +74,7 @@ def test_pair_evaluator_streams_a_file(shared_data, tiny_model):
 
 
 def test_binary_classification_evaluator(shared_data, tiny_model):
-    from sentence_transformers.evaluation import BinaryClassificationEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator
 
     lines = (
         (shared_data / "mrpc" / "msr_paraphrase_test.txt")
@@ -96,7 +96,7 @@ def test_binary_classification_evaluator(shared_data, tiny_model):
 def test_retrieval_evaluator_with_dicts_and_files(shared_data, tiny_model, tmp_path):
     import json
 
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     from evalkit import beir
 
@@ -140,7 +140,7 @@ def test_retrieval_evaluator_with_dicts_and_files(shared_data, tiny_model, tmp_p
 
 
 def test_evaluator_inside_sequential_evaluator(shared_data, tiny_model):
-    from sentence_transformers.evaluation import SequentialEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
 
     s1, s2, gold = _stsb(shared_data, 30)
     seq = SequentialEvaluator(
