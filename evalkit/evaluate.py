@@ -14,8 +14,9 @@ Retrieval (`evaluate_retrieval`, core `evaluator.retrieval_pass`):
 1) read qrels and queries (small); every judged query must exist;
 2) read the corpus ids once (ids only, no texts) to count documents and reject duplicate ids;
 3) encode the judged queries, then stream the corpus in blocks of `corpus_block` documents:
-   encode each block through the store and fold it into an exact top-k (`exact_search`, its own
-   function so that an ANN index can stand in for it): O(queries x k) state, never the corpus;
+   encode each block through the store and fold it into an exact top-k
+   (`evalkit.search.exact_search`; `index=` swaps in `evalkit.ann.ann_search`):
+   O(queries x k) state, never the corpus;
 4) score the ranked lists with the dialect's retrieval metrics and a recall@k curve; report.
 
 `Encoder` encodes text batches through the embedding store (hits read, misses encoded and
@@ -42,13 +43,12 @@ from evalkit.evaluator import (
     PAIR_TASKS,
     PRIMARY,
     check_k_values,
-    exact_search,
     judged_queries,
     pairs_pass,
     retrieval_pass,
 )
 
-__all__ = ["Encoder", "evaluate_pairs", "evaluate_retrieval", "exact_search", "iter_pair_batches"]
+__all__ = ["Encoder", "evaluate_pairs", "evaluate_retrieval", "iter_pair_batches"]
 
 logger = logging.getLogger(__name__)
 _PAIR_HEADLINE = {

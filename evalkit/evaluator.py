@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from evalkit.errors import DataError, EvalkitError
+from evalkit.search import exact_search
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +90,6 @@ def _check_binary(gold: np.ndarray, where: str, offset: int) -> None:
             f"{where}: task 'classification' needs 0/1 labels; row {offset + i} has {gold[i]!r} "
             "(use task 'similarity' for graded scores)"
         )
-
-
-def exact_search(
-    query_emb: np.ndarray,
-    corpus_blocks: Iterable[tuple[np.ndarray, np.ndarray]],
-    k: int,
-    *,
-    score: str = "cosine",
-    dialect: str = "sentence-transformers",
-) -> tuple[np.ndarray, np.ndarray]:
-    """The search step of retrieval evaluation: exact top-k over streamed (ids, vectors) blocks.
-
-    Returns (scores[nq, <=k], ids[nq, <=k]) best first, ties broken by id as the dialect asks.
-    An ANN index stands in for this step through evaluate_retrieval(index=...).
-    """
-    from evalkit.search import exact_search as _search
-
-    return _search(query_emb, corpus_blocks, k, score=score, dialect=dialect)
 
 
 def check_k_values(k_values: Any) -> list[int]:
@@ -543,7 +526,7 @@ _IMPLS: dict[str, type] = {
     "StreamingBinaryClassificationEvaluator": _BinaryClassificationEvaluator,
     "StreamingRetrievalEvaluator": _RetrievalEvaluator,
 }
-__all__ = sorted([*_IMPLS, "exact_search", "pairs_pass", "retrieval_pass"])
+__all__ = sorted([*_IMPLS, "pairs_pass", "retrieval_pass"])
 
 
 def __getattr__(name: str) -> type:

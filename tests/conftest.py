@@ -13,6 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("EVALKIT_CACHE", tempfile.mkdtemp(prefix="evalkit-test-cache-"))
+os.environ.setdefault(
+    "EVALKIT_FINGERPRINT_MEMO",
+    os.path.join(tempfile.mkdtemp(prefix="evalkit-test-memo-"), "model-fingerprints.json"),
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EVALKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
