@@ -46,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # evalkit's own messages at INFO; other libraries' (sentence-transformers' "Loading model
+    # from ...", ...) only when they warn, unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("evalkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         code = args.func(args)
     except EvalkitError as exc:
