@@ -305,6 +305,7 @@ class _Scan:
             )
             self.scanner = _guard(opened, lambda: opened.dataset.scanner(**kwargs))
         else:
+            kwargs.update(batch_readahead=_BATCH_READAHEAD, use_threads=False)
             self.scanner = _guard(opened, lambda: ds.Scanner.from_batches(opened.reader, **kwargs))
         self.schema = self.scanner.projected_schema
 
