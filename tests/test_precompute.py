@@ -145,7 +145,21 @@ def test_sharded_jobs_into_one_dir(corpus, tiny_model_dir, tmp_path):
 
 RUNNER = """
 import sys
+import time
+
+from sentence_transformers import SentenceTransformer
+
 from evalkit.precompute import run_precompute
+
+_encode = SentenceTransformer.encode
+
+
+def paced_encode(self, *args, **kwargs):  # ~0.1 s per call: a kill lands mid-job on any machine
+    time.sleep(0.1)
+    return _encode(self, *args, **kwargs)
+
+
+SentenceTransformer.encode = paced_encode
 data, out, cache, model = sys.argv[1:5]
 run_precompute(data, column="text", id_column="gid", out=out, model=model, cache=cache, batch_size=16,
                rows_per_shard=100, window=40, progress=False)
