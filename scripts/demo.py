@@ -29,7 +29,9 @@ def lee_files() -> tuple[Path, Path]:
     try:
         data = importlib.resources.files("gensim") / "test" / "test_data"
     except ModuleNotFoundError:
-        sys.exit("the demo reads the Lee (2005) data shipped in gensim: pip install 'evalkit[demo]'")
+        sys.exit(
+            "the demo reads the Lee (2005) data shipped in gensim: pip install 'evalkit[demo]'"
+        )
     docs, sims = data / "lee.cor", data / "similarities0-1.txt"
     if not (docs.is_file() and sims.is_file()):
         sys.exit(f"gensim is installed but its Lee test data is missing under {data}")
@@ -42,7 +44,11 @@ def write_pairs(dest: Path) -> int:
     import pyarrow.parquet as pq
 
     docs_path, sims_path = lee_files()
-    docs = [line.strip() for line in docs_path.read_text(encoding="latin-1").splitlines() if line.strip()]
+    docs = [
+        line.strip()
+        for line in docs_path.read_text(encoding="latin-1").splitlines()
+        if line.strip()
+    ]
     rows = [line.split() for line in sims_path.read_text().splitlines() if line.strip()]
     assert len(docs) == len(rows) == 50, (len(docs), len(rows))
     left, right, score = [], [], []
@@ -65,7 +71,9 @@ def run(cmd: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="demo-out", help="output folder (default: %(default)s)")
     parser.add_argument("--cache", default=None, help="embedding store (default: ./cache)")
     args = parser.parse_args()
@@ -81,7 +89,9 @@ def main() -> None:
 
     from evalkit.dataset import PairDataset
 
-    ds = PairDataset(out / "lee_pairs.arrow", text_columns=["doc1", "doc2"], label_column="similarity")
+    ds = PairDataset(
+        out / "lee_pairs.arrow", text_columns=["doc1", "doc2"], label_column="similarity"
+    )
     first = ds[0]
     print(
         f"PairDataset: {len(ds)} memory-mapped pairs; first: label={first.label:.3f}, "
@@ -89,8 +99,17 @@ def main() -> None:
     )
 
     evaluate = [
-        *evalkit, "evaluate", "pairs", str(out / "lee_pairs.arrow"),
-        "--left", "doc1", "--right", "doc2", "--label", "similarity", *cache,
+        *evalkit,
+        "evaluate",
+        "pairs",
+        str(out / "lee_pairs.arrow"),
+        "--left",
+        "doc1",
+        "--right",
+        "doc2",
+        "--label",
+        "similarity",
+        *cache,
     ]
     first_s = run([*evaluate, "--out", str(out / "eval-1")])
     second_s = run([*evaluate, "--out", str(out / "eval-2")])
@@ -100,7 +119,10 @@ def main() -> None:
     cache2 = m2.get("cache", {})
     print("\n== demo summary ==")
     print(f"spearman_cosine (model vs human ratings): {m1['metrics']['spearman_cosine']:.4f}")
-    print(f"first run {first_s:.1f}s; second run {second_s:.1f}s; second run store hits: {cache2}")
+    print(
+        f"first run {first_s:.1f} s; second run {second_s:.1f} s: {cache2.get('hits', 0)} store hits, "
+        f"{cache2.get('misses', 0)} encoded, model loaded: {cache2.get('model_loaded', True)}"
+    )
     print(f"reports: {out / 'eval-1' / 'summary.md'}, metrics: {out / 'eval-1' / 'metrics.json'}")
 
 
