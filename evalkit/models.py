@@ -37,7 +37,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise EvalkitError(f"--model {model!r} is a file; give a sentence-transformers model directory")
+            raise EvalkitError(
+                f"--model {model!r} is a file; give a sentence-transformers model directory"
+            )
         return str(path.resolve())
     return str(model)
 
@@ -49,11 +51,15 @@ def resolve_device(device: str | None = "auto") -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalkitError(f"--device {device} requested but no CUDA device is available; use --device cpu or auto")
+        raise EvalkitError(
+            f"--device {device} requested but no CUDA device is available; use --device cpu or auto"
+        )
     return device
 
 
-def load_model(model: str | os.PathLike | None = None, *, device: str | None = "auto") -> SentenceTransformer:
+def load_model(
+    model: str | os.PathLike | None = None, *, device: str | None = "auto"
+) -> SentenceTransformer:
     """Load a SentenceTransformer by name or path (default: the packaged all-MiniLM-L6-v2)."""
     from sentence_transformers import SentenceTransformer
 

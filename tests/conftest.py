@@ -26,7 +26,9 @@ SHARED_DATA = Path(os.environ.get("EVALKIT_SHARED_DATA", ROOT.parent / "shared" 
 def shared_data() -> Path:
     """../shared/data (real public benchmark data); tests that need it skip when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (it exists on dev machines and in CI)")
+        pytest.skip(
+            f"real data folder {SHARED_DATA} is absent (it exists on dev machines and in CI)"
+        )
     return SHARED_DATA
 
 

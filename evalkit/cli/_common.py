@@ -23,7 +23,9 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         help="CSV/TSV without a header row: comma-separated names for its columns",
     )
     g.add_argument(
-        "--delimiter", default=None, help="CSV field delimiter (default: ',' for .csv, tab for .tsv/.txt)"
+        "--delimiter",
+        default=None,
+        help="CSV field delimiter (default: ',' for .csv, tab for .tsv/.txt)",
     )
     g.add_argument(
         "--no-quoting",
@@ -65,10 +67,15 @@ def add_model_args(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> 
         "--no-cache", action="store_true", help="encode everything; do not read or write the store"
     )
     g.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...",
     )
     g.add_argument(
-        "--batch-size", type=int, default=batch_size, help="encoding batch size (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help="encoding batch size (default: %(default)s)",
     )
 
 
