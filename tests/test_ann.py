@@ -12,6 +12,8 @@ from evalkit.errors import DataError, EvalkitError
 
 faiss = pytest.importorskip("faiss")
 
+from _faiss_util import clustered, one_faiss_thread  # noqa: E402, F401
+
 from evalkit.ann import (  # noqa: E402
     ann_search,
     check_index,
@@ -20,21 +22,6 @@ from evalkit.ann import (  # noqa: E402
     recall_at_k,
 )
 from evalkit.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny indexes: OpenMP threads only add spin-waiting on a shared 2-core machine."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
-def clustered(n: int, dim: int = 16, *, seed: int = 0, centers: int = 20) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = rng.standard_normal((centers, dim))
-    return (c[rng.integers(0, centers, n)] + 0.4 * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 def blocks_of(x: np.ndarray, ids, size: int):
