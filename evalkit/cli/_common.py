@@ -79,6 +79,17 @@ def add_model_args(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> 
     )
 
 
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments (model, cache, device, batch_size) that add_model_args() describes;
+    `--no-cache` becomes cache=False, which every public function reads as "no store"."""
+    return {
+        "model": args.model,
+        "cache": False if args.no_cache else args.cache,
+        "device": args.device,
+        "batch_size": args.batch_size,
+    }
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

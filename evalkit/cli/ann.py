@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from evalkit.cli._common import add_model_args, add_source_args, positive_int, source_options
+from evalkit.cli._common import (
+    add_model_args,
+    add_source_args,
+    model_options,
+    positive_int,
+    source_options,
+)
 
 EXIT_RECALL_NOT_REACHED = 3
 
@@ -135,10 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         k=args.k,
         min_recall=args.min_recall,
         n_queries=args.n_queries,
-        model=args.model,
-        cache=False if args.no_cache else args.cache,
-        device=args.device,
-        batch_size=args.batch_size,
+        **model_options(args),
         memory_budget=args.memory_budget,
         metric=args.metric,
         force=args.force,

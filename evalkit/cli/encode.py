@@ -8,7 +8,13 @@ import argparse
 import json
 import sys
 
-from evalkit.cli._common import add_model_args, add_source_args, positive_int, source_options
+from evalkit.cli._common import (
+    add_model_args,
+    add_source_args,
+    model_options,
+    positive_int,
+    source_options,
+)
 
 EPILOG = """examples:
   evalkit encode ../shared/data/beir-scifact/corpus.jsonl --column text --id-column _id --out emb/scifact
@@ -87,10 +93,7 @@ def run(args: argparse.Namespace) -> int:
         column=args.column,
         out=args.out,
         id_column=args.id_column,
-        model=args.model,
-        cache=False if args.no_cache else args.cache,
-        batch_size=args.batch_size,
-        device=args.device,
+        **model_options(args),
         dtype=args.dtype,
         shard=args.shard,
         overwrite=args.overwrite,

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from evalkit.cli._common import add_model_args, add_source_args, positive_int, source_options
+from evalkit.cli._common import (
+    add_model_args,
+    add_source_args,
+    model_options,
+    positive_int,
+    source_options,
+)
 
 DEFAULT_K = "1,3,5,10,100"
 
@@ -155,10 +161,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
     return {
-        "model": args.model,
-        "cache": False if args.no_cache else args.cache,
-        "device": args.device,
-        "batch_size": args.batch_size,
+        **model_options(args),
         "out": args.out,
         "plots": not args.no_plots,
         "progress": not args.quiet,

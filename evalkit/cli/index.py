@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from evalkit.cli._common import add_model_args, add_source_args, positive_int, source_options
+from evalkit.cli._common import (
+    add_model_args,
+    add_source_args,
+    model_options,
+    positive_int,
+    source_options,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -97,10 +103,7 @@ def _build(args: argparse.Namespace) -> int:
             args.corpus,
             args.out,
             spec=spec,
-            model=args.model,
-            cache=False if args.no_cache else args.cache,
-            device=args.device,
-            batch_size=args.batch_size,
+            **model_options(args),
             memory_budget=args.memory_budget,
             metric=args.metric,
             progress=not args.quiet,
