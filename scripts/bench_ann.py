@@ -7,7 +7,7 @@ Steps:
 2) embeddings with the packaged all-MiniLM-L6-v2 through the embedding store (--cache; the first
    run encodes for ~20 min on 2 CPU cores, later runs only read the store);
 3) hold out --queries random rows as queries (removed from the corpus), exact top-k ground truth
-   with evalkit.search.exact_search over corpus blocks (ties by position);
+   with evalkit.search.exact.exact_search over corpus blocks (ties by position);
 4) for exact Flat (the baseline, same run), the auto-chosen index, HNSW32 and IVF-Flat: build
    time, peak RssAnon during the build, index size on disk, and for every sweep setting
    recall@k and QPS (all queries in one batch, best of --repeats);
@@ -56,9 +56,9 @@ def load_texts(data: Path = DATA, limit: int | None = None) -> tuple[list[str], 
 
 def embed(texts: list[str], cache: str, batch_size: int = 128) -> tuple[np.ndarray, str, dict]:
     """MiniLM embeddings of `texts` through the store (misses are encoded and written back)."""
-    from evalkit.encode import encode_texts
-    from evalkit.models import load_model
-    from evalkit.store import EmbeddingStore
+    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.models import load_model
+    from evalkit.embed.store import EmbeddingStore
 
     model = load_model(None, device="cpu")
     store = EmbeddingStore(cache)
@@ -102,8 +102,9 @@ def bench_index(
     name, spec, corpus, queries, gt_scores, gt_pos, k, folder, flat_qps=None, grid=None
 ):
     """Build `spec` over the corpus (peak RssAnon, seconds, bytes on disk), then sweep it."""
-    from evalkit.ann import recall_at_k, time_search
-    from evalkit.index import build_index, load_index, parameter_grid
+    from evalkit.search.ann import recall_at_k, time_search
+    from evalkit.search.build import build_index
+    from evalkit.search.index import load_index, parameter_grid
 
     t = time.perf_counter()
     with PeakRss() as mem:
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
 
-    from evalkit.ann import exact_ground_truth
-    from evalkit.index import choose_index, ivf_nlist
+    from evalkit.search.ann import exact_ground_truth
+    from evalkit.search.plan import choose_index, ivf_nlist
 
     k = args.k
     rng = np.random.default_rng(0)

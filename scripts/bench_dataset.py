@@ -4,7 +4,7 @@ Steps (one run, everything in --workdir, removed afterwards unless --keep):
 1) build a source Parquet file of real texts with a streaming writer: every WordNet 3.0 gloss paired
    with the gloss of a random other synset, a random score and a row id, repeated until the Arrow data
    reaches --size-gb;
-2) convert it to an Arrow IPC file with evalkit.arrow.convert (rows/s; peak RssAnon growth sampled
+2) convert it to an Arrow IPC file with evalkit.data.readers.convert (rows/s; peak RssAnon growth sampled
    every 20 ms) and write a stream-format copy, which `datasets.Dataset.from_file` needs;
 3) random batched access (batches of --batch rows, the same index sets for every reader): evalkit
    PairDataset.__getitems__ (what torch's DataLoader calls), evalkit texts_batch (column-wise),
@@ -106,21 +106,21 @@ def write_source(glosses: pa.Array, dest: Path, size_gb: float, seed: int, chunk
 
 
 def convert(source: Path, dest: Path) -> str:
-    """evalkit.arrow.convert when it exists; else the same streaming conversion inline."""
+    """evalkit.data.readers.convert when it exists; else the same streaming conversion inline."""
     try:
-        from evalkit.arrow import convert as ek_convert
+        from evalkit.data.convert import convert as ek_convert
     except ImportError:
         ek_convert = None
     if ek_convert is not None:
         ek_convert(str(source), str(dest), progress=False)
-        return "evalkit.arrow.convert"
+        return "evalkit.data.readers.convert"
     import pyarrow.dataset as pads
 
     data = pads.dataset(str(source), format="parquet")
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, data.schema) as writer:
         for batch in data.to_batches(batch_size=65536):
             writer.write_batch(batch)
-    return "inline pyarrow.dataset -> ipc.new_file (evalkit.arrow not found)"
+    return "inline pyarrow.dataset -> ipc.new_file (evalkit.data.readers not found)"
 
 
 def write_stream_copy(src: Path, dest: Path) -> None:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glosses", type=Path, default=GLOSSES, help="WordNet glosses TSV")
     args = ap.parse_args(argv)
 
-    from evalkit.dataset import PairDataset
+    from evalkit.data.dataset import PairDataset
 
     own_dir = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="bench-dataset-") if own_dir else args.workdir)

@@ -61,10 +61,10 @@ def main() -> None:
 
     import numpy as np
 
-    from evalkit.encode import encode_texts
-    from evalkit.fingerprint import model_fingerprint
-    from evalkit.models import load_model
-    from evalkit.store import EmbeddingStore, make_keys
+    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.fingerprint import model_fingerprint
+    from evalkit.embed.models import load_model
+    from evalkit.embed.store import EmbeddingStore, make_keys
 
     texts = read_glosses(args.data, args.n)
     model = load_model(args.model, device="cpu")

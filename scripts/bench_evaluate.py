@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = tiny_model_dir(workdir, args.max_seq_length)
     del glosses
 
-    from evalkit.evaluate import evaluate_retrieval
+    from evalkit.jobs.evaluate import evaluate_retrieval
 
     cache = False if args.no_cache else workdir / "cache"
     with PeakRssAnon() as mem:
@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 def parity(args, workdir: Path) -> bool:
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from evalkit import beir
-    from evalkit.evaluate import evaluate_retrieval
-    from evalkit.models import load_model
+    from evalkit.data import beir
+    from evalkit.embed.models import load_model
+    from evalkit.jobs.evaluate import evaluate_retrieval
 
     glosses = read_glosses(GLOSSES)
     sub = build_beir(

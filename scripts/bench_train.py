@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training throughput: evalkit.train.fit vs sentence-transformers' SentenceTransformerTrainer, and
+"""Training throughput: evalkit.train.fit.fit vs sentence-transformers' SentenceTransformerTrainer, and
 fit from the memory-mapped Arrow file vs from an in-memory list of InputExample.
 
 Same tiny random BERT (tests/conftest.py's build_tiny_model_dir), same STS-B train pairs (scores
@@ -54,9 +54,9 @@ def main() -> None:
     from sentence_transformers import InputExample, SentenceTransformer
     from sentence_transformers.sentence_transformer import losses
 
-    from evalkit.arrow import convert
-    from evalkit.dataset import PairDataset
-    from evalkit.train import fit
+    from evalkit.data.convert import convert
+    from evalkit.data.dataset import PairDataset
+    from evalkit.train.fit import fit
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     model_dir = build_tiny_model_dir(tmp / "model")

@@ -87,7 +87,7 @@ def main() -> None:
 
     run([*evalkit, "convert", str(out / "lee_pairs.parquet"), str(out / "lee_pairs.arrow")])
 
-    from evalkit.dataset import PairDataset
+    from evalkit.data.dataset import PairDataset
 
     ds = PairDataset(
         out / "lee_pairs.arrow", text_columns=["doc1", "doc2"], label_column="similarity"

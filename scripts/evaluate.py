@@ -7,7 +7,7 @@
         --queries ../shared/data/beir-scifact/queries.jsonl \
         --qrels ../shared/data/beir-scifact/qrels/test.tsv --dialect trec_eval --out results/scifact
 
-Writes OUT/metrics.json, OUT/summary.md and PNG plots; see evalkit.evaluate.evaluate_pairs and
+Writes OUT/metrics.json, OUT/summary.md and PNG plots; see evalkit.jobs.evaluate.evaluate_pairs and
 evaluate_retrieval for the Python API behind every flag.
 """
 

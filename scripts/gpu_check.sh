@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke check (<= 5 minutes on one CUDA GPU): prints throughput for
-#   1) a few hundred CUDA AMP fit steps with the packaged all-MiniLM-L6-v2 (evalkit.train.fit),
-#   2) a GPU encode pass through the embedding store (evalkit.encode), then a second, all-hit pass,
-#   3) a FAISS search over those embeddings (evalkit.index, exact 'Flat' index).
+#   1) a few hundred CUDA AMP fit steps with the packaged all-MiniLM-L6-v2 (evalkit.train.fit.fit),
+#   2) a GPU encode pass through the embedding store (evalkit.embed.encoder), then a second, all-hit pass,
+#   3) a FAISS search over those embeddings (evalkit.search.index, exact 'Flat' index).
 #
 # Usage, from the repository root on a machine with an NVIDIA GPU:
 #   bash scripts/gpu_check.sh [STEPS]          (default 300 fit steps)
@@ -42,12 +42,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from evalkit.dataset import PairDataset
-from evalkit.encode import encode_texts
-from evalkit.index import build_index
-from evalkit.models import load_model
-from evalkit.store import EmbeddingStore
-from evalkit.train import fit
+from evalkit.data.dataset import PairDataset
+from evalkit.embed.encoder import encode_texts
+from evalkit.search.build import build_index
+from evalkit.embed.models import load_model
+from evalkit.embed.store import EmbeddingStore
+from evalkit.train.fit import fit
 
 steps = int(sys.argv[1])
 tmp = Path(tempfile.mkdtemp(prefix="evalkit-gpu-check-"))

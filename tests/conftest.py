@@ -77,6 +77,6 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def minilm():
     """The packaged all-MiniLM-L6-v2 (the default model), on CPU."""
-    from evalkit.models import load_model
+    from evalkit.embed.models import load_model
 
     return load_model(None, device="cpu")

@@ -1,4 +1,4 @@
-"""The `evalkit` command. Thin: each subcommand module in this package parses its arguments and
+"""cli: the `evalkit` command (may import every part; nothing imports it). Thin: each subcommand module in this package parses its arguments and
 calls one public function. Modules here import nothing heavy at import time (no torch, no
 sentence-transformers, no faiss), so `evalkit --help` is instant.
 

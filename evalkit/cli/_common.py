@@ -35,7 +35,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
 
 
 def source_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of evalkit.arrow.open_source() that the flags above describe."""
+    """The keyword arguments of evalkit.data.readers.open_source() that the flags above describe."""
     names = args.column_names.split(",") if args.column_names else None
     return {
         "format": args.format,

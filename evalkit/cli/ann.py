@@ -1,6 +1,6 @@
 """`evalkit ann-check`: how much an ANN index loses against exact search, before you trust it.
 
-Thin: parse flags, call evalkit.ann.ann_check (imported only when the command runs), print the
+Thin: parse flags, call evalkit.search.ann.ann_check (imported only when the command runs), print the
 summary. Exit codes: 0 ok, 1 bad input, 3 when no setting of the sweep reaches --min-recall.
 """
 
@@ -26,7 +26,7 @@ def recall_target(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be a number in (0, 1], e.g. 0.9; got {text!r}"
         ) from None
-    return value  # the range (0, 1] is checked by evalkit.ann.check_min_recall (exit 1, one line)
+    return value  # the range (0, 1] is checked by evalkit.search.ann.check_min_recall (exit 1, one line)
 
 
 def add_parser(subparsers) -> None:
@@ -130,7 +130,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from evalkit.ann_job import ann_check, format_ann_summary
+    from evalkit.jobs.ann_check import ann_check, format_ann_summary
 
     result = ann_check(
         args.corpus,
@@ -155,9 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        from evalkit.report import _jsonable
+        from evalkit._io import jsonable
 
-        print(json.dumps(_jsonable(result), indent=2))
+        print(json.dumps(jsonable(result), indent=2))
     else:
         print(format_ann_summary(result))
     if result["passed"] is False:

@@ -1,5 +1,5 @@
 """`evalkit cache info|clear|check [--cache DIR]`: inspect and maintain the embedding store
-(evalkit.store.EmbeddingStore). Importing this module is cheap (no torch)."""
+(evalkit.embed.store.EmbeddingStore). Importing this module is cheap (no torch)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evalkit.store import EmbeddingStore, default_cache_dir
+    from evalkit.embed.store import EmbeddingStore, default_cache_dir
 
     store = EmbeddingStore(args.cache or default_cache_dir(), create=False)
     if args.action == "info":

@@ -1,4 +1,4 @@
-"""`evalkit convert SRC... DEST`: stream any table source into an Arrow IPC file (evalkit.arrow.convert).
+"""`evalkit convert SRC... DEST`: stream any table source into an Arrow IPC file (evalkit.data.readers.convert).
 
 Importing this module is cheap: pyarrow loads only when the command runs.
 """
@@ -94,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from evalkit.arrow import convert
+    from evalkit.data.convert import convert
 
     result = convert(
         args.src[0] if len(args.src) == 1 else args.src,

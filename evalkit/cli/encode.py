@@ -1,5 +1,5 @@
 """`evalkit encode DATA --column text --out DIR`: the resumable precompute job
-(evalkit.precompute.run_precompute). Importing this module is cheap: torch and
+(evalkit.jobs.precompute.run_precompute). Importing this module is cheap: torch and
 sentence-transformers load only when the command runs."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from evalkit.precompute import run_precompute
+    from evalkit.jobs.precompute import run_precompute
 
     manifest = run_precompute(
         args.data,

@@ -1,6 +1,6 @@
 """`evalkit evaluate pairs|retrieval`: the post-training evaluation job.
 
-Thin: parse flags, call evalkit.evaluate.evaluate_pairs / evaluate_retrieval (imported only when
+Thin: parse flags, call evalkit.jobs.evaluate.evaluate_pairs / evaluate_retrieval (imported only when
 the command runs), print the short summary. Every flag is a keyword argument of those functions.
 """
 
@@ -172,17 +172,17 @@ def _print(result: dict, args: argparse.Namespace) -> None:
     if args.json:
         import json
 
-        from evalkit.report import _jsonable
+        from evalkit._io import jsonable
 
-        print(json.dumps(_jsonable(result), indent=2))
+        print(json.dumps(jsonable(result), indent=2))
     else:
-        from evalkit.report import format_summary
+        from evalkit.jobs.report import format_summary
 
         print(format_summary(result, keys=result.get("headline")))
 
 
 def _run_pairs(args: argparse.Namespace) -> int:
-    from evalkit.evaluate import evaluate_pairs
+    from evalkit.jobs.evaluate import evaluate_pairs
 
     result = evaluate_pairs(
         args.data,
@@ -198,7 +198,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
-    from evalkit.evaluate import evaluate_retrieval
+    from evalkit.jobs.evaluate import evaluate_retrieval
 
     result = evaluate_retrieval(
         args.corpus,

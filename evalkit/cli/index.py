@@ -1,6 +1,6 @@
 """`evalkit index build|info`: build a FAISS index over embeddings, or describe a built one.
 
-Thin: parse flags, call evalkit.index.build_index / evalkit.ann_job.build_corpus_index (imported only
+Thin: parse flags, call evalkit.search.build.build_index / evalkit.jobs.ann_check.build_corpus_index (imported only
 when the command runs), print what was built and why.
 """
 
@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
 def _build(args: argparse.Namespace) -> int:
     spec = None if args.index in (None, "", "auto") else args.index
     if args.embeddings:
-        from evalkit.index import build_index
+        from evalkit.search.build import build_index
 
         built = build_index(
             args.embeddings,
@@ -97,7 +97,7 @@ def _build(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     else:
-        from evalkit.ann_job import build_corpus_index
+        from evalkit.jobs.ann_check import build_corpus_index
 
         built = build_corpus_index(
             args.corpus,
@@ -124,7 +124,7 @@ def _build(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import json
 
-    from evalkit.index import load_index
+    from evalkit.search.index import load_index
 
     idx = load_index(args.path)
     print(json.dumps(idx.meta, indent=2, sort_keys=True))

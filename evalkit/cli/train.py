@@ -1,4 +1,4 @@
-"""`evalkit train DATA --left COL --right COL --loss LOSS --out DIR`: the fit loop (evalkit.train.fit).
+"""`evalkit train DATA --left COL --right COL --loss LOSS --out DIR`: the fit loop (evalkit.train.fit.fit).
 
 Thin: 1) DATA that is not already an Arrow file is converted (streaming) into OUT/train.arrow;
 2) the columns are checked against the loss (cosine targets in [-1, 1], contrastive labels 0/1);
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_every and not args.eval_data:
         raise EvalkitError("--eval-every needs --eval-data F")
     out = Path(args.out)
-    from evalkit.train import fit, setup_distributed
+    from evalkit.train.fit import fit, setup_distributed
 
     # Under torchrun every process runs this command: rank 0 converts the data, the rest wait.
     ddp, _ = setup_distributed(args.device)
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
         if not main:
             train_file = _prepare_data(args, out, convert=False)
 
-    from evalkit.dataset import PairDataset
-    from evalkit.models import load_model
+    from evalkit.data.dataset import PairDataset
+    from evalkit.embed.models import load_model
 
     dataset = PairDataset(train_file, [args.left, args.right], args.label)
     model = load_model(args.model, device="cpu")
@@ -252,7 +252,7 @@ def _prepare_data(args: argparse.Namespace, out: Path, *, convert: bool = True) 
     if args.resume and dest.is_file():
         print(f"reusing {dest} (converted by the run being resumed)", file=sys.stderr)
         return dest
-    from evalkit.arrow import convert as convert_source
+    from evalkit.data.convert import convert as convert_source
 
     columns = [c for c in (args.left, args.right, args.label) if c]
     result = convert_source(
@@ -275,7 +275,7 @@ def _check_labels(path: Path, args: argparse.Namespace) -> float | None:
         return None if auto else args.label_scale
     import pyarrow.compute as pc
 
-    from evalkit.arrow import open_ipc
+    from evalkit.data.readers import open_ipc
 
     table = open_ipc(path)
     if args.label not in table.column_names:
@@ -340,7 +340,7 @@ def _build_loss(args: argparse.Namespace, model: Any) -> Any:
 def _build_evaluator(args: argparse.Namespace) -> Any:
     if not args.eval_data:
         return None
-    from evalkit.evaluator import StreamingPairEvaluator
+    from evalkit.evaluation.evaluators import StreamingPairEvaluator
 
     task = args.eval_task or ("classification" if args.loss == "contrastive" else "similarity")
     if not args.label:

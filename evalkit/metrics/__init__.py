@@ -1,4 +1,8 @@
-"""Streaming exact metrics (numpy only): pair similarity/classification and retrieval.
+"""metrics: scores -> numbers. Streaming exact metrics, numpy only.
+
+Owns pair similarity/classification metrics, retrieval metrics (both dialects), their private
+kernels (ranking, disk spill) and fixed-size curves (score histogram, recall@k).
+May import: `evalkit.errors` only.
 
 Each metric object has ``update(...)``, ``merge(other)`` and ``compute()``; results use
 sentence-transformers' key names without an evaluator prefix (``spearman_cosine``,

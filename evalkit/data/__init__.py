@@ -1,0 +1,8 @@
+"""data: files and URIs -> Arrow record batches; conversion to Arrow IPC; memory-mapped datasets.
+
+Owns reading any tabular source (local, s3://, fsspec, in-memory, HF datasets), row filters,
+`convert` to an Arrow IPC file, the memory-mapped `ArrowDataset`/`PairDataset`, BEIR-layout
+loaders (corpus, queries, qrels), labelled-pair batches and data fingerprints.
+May import: `evalkit.errors`, `evalkit._imports`, `evalkit._io`. Knows nothing of models or
+embeddings.
+"""

@@ -1,0 +1,283 @@
+"""Loaders for the BEIR retrieval layout: corpus.jsonl, queries.jsonl and a qrels TSV.
+
+Algorithm:
+1) `iter_corpus` reads corpus.jsonl line by line and yields (ids, texts) batches, so a corpus of
+   any size streams in bounded memory; each document's text is `(title + " " + text).strip()`,
+   exactly as BEIR's SentenceBERT wrapper and MTEB build it for sentence-transformers models.
+   Other formats `evalkit convert` reads (Parquet, CSV, Arrow, ...) with `_id`/`title`/`text`
+   columns stream through `evalkit.data.readers.iter_batches`.
+2) `corpus_ids` makes a first, cheap pass that keeps only the ids (as one Arrow string array),
+   rejects duplicates and gives every id its rank in byte order, so ties can be broken by id
+   exactly as sentence-transformers (ascending) and trec_eval (descending) do.
+3) `load_queries` reads queries.jsonl into (ids, texts); queries are few, they fit in memory.
+4) `load_qrels` reads the BEIR TSV (`query-id corpus-id score`, header line) or a TREC qrels file
+   (`qid 0 docid rel`, no header) into {query_id: {corpus_id: grade}}.
+Every malformed line raises DataError naming the file and line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import DataError
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
+
+
+def document_text(title: Any, text: Any) -> str:
+    """The text a sentence-transformers model sees for one BEIR document (BEIR/MTEB convention)."""
+    return f"{title or ''} {text or ''}".strip()
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.lower().endswith(_JSON_SUFFIXES)
+
+
+def _open_text(path: str):
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _check_file(path: str | os.PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{what} file {path} does not exist")
+    if os.path.isdir(path):
+        raise DataError(f"{what} {path} is a directory; give the file (e.g. {what}.jsonl)")
+    return path
+
+
+def _iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object raises."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a BEIR {what} file "
+                    "must be one JSON object"
+                ) from None
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
+            yield lineno, obj
+
+
+def _field(obj: dict, key: str, path: str, lineno: int, *, required: bool = True) -> Any:
+    if key in obj:
+        return obj[key]
+    if required:
+        raise DataError(
+            f"{path}:{lineno}: missing field {key!r}; fields are: {', '.join(map(str, obj)) or '(none)'}"
+        )
+    return None
+
+
+def _doc_id(obj: dict, path: str, lineno: int) -> str:
+    value = _field(obj, "_id", path, lineno)
+    if value is None or value == "":
+        raise DataError(f"{path}:{lineno}: empty '_id'")
+    return str(value)
+
+
+def iter_corpus(
+    path: str | os.PathLike, *, batch_size: int = 10_000, **source_options: Any
+) -> Iterator[tuple[list[str], list[str]]]:
+    """Yield (ids, texts) batches of a BEIR corpus in file order; text = (title + " " + text).strip().
+
+    `path` is a corpus.jsonl (optionally .gz) or any source `evalkit convert` reads with columns
+    `_id` (or `id`), optional `title`, and `text`. `source_options` go to evalkit.data.readers for the latter.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be a positive integer; got {batch_size!r}")
+    path = os.fspath(path)
+    if "://" not in path:
+        _check_file(path, "corpus")
+    if _is_jsonl(path):
+        ids: list[str] = []
+        texts: list[str] = []
+        for lineno, obj in _iter_jsonl(path, "corpus"):
+            text = _field(obj, "text", path, lineno)
+            if text is None:
+                raise DataError(f"{path}:{lineno}: document {obj.get('_id')!r} has null 'text'")
+            ids.append(_doc_id(obj, path, lineno))
+            texts.append(document_text(obj.get("title"), text))
+            if len(ids) >= batch_size:
+                yield ids, texts
+                ids, texts = [], []
+        if ids:
+            yield ids, texts
+        return
+    yield from _iter_corpus_arrow(path, batch_size=batch_size, **source_options)
+
+
+def _iter_corpus_arrow(
+    path: str, *, batch_size: int, **source_options: Any
+) -> Iterator[tuple[list[str], list[str]]]:
+    from evalkit.data.readers import open_source
+
+    dataset = open_source(path, **source_options)
+    names = dataset.schema.names
+    id_col = "_id" if "_id" in names else "id" if "id" in names else None
+    if id_col is None or "text" not in names:
+        raise DataError(
+            f"corpus {path} needs columns '_id' and 'text' (and optionally 'title'); "
+            f"columns are: {', '.join(names)}"
+        )
+    columns = [id_col, "text"] + (["title"] if "title" in names else [])
+    row = 0
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
+        data = batch.to_pydict()
+        titles = data.get("title") or [None] * batch.num_rows
+        ids = []
+        for i, value in enumerate(data[id_col]):
+            if value is None or value == "":
+                raise DataError(f"corpus {path}: row {row + i} has an empty {id_col!r}")
+            ids.append(str(value))
+        for i, value in enumerate(data["text"]):
+            if value is None:
+                raise DataError(f"corpus {path}: row {row + i} (id {ids[i]!r}) has null 'text'")
+        row += batch.num_rows
+        if ids:
+            yield ids, [document_text(t, x) for t, x in zip(titles, data["text"], strict=True)]
+
+
+def corpus_ids(path: str | os.PathLike, **source_options: Any):
+    """All corpus ids in file order as a pyarrow string array, after checking they are unique.
+
+    Costs one pass over the file and ~(id bytes + 8) bytes per document, never the texts.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = []
+    for ids, _ in _iter_ids(path, **source_options):
+        chunks.append(pa.array(ids, type=pa.large_string()))
+    array = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.large_string())
+    if len(array):
+        order = pc.sort_indices(array)
+        ordered = array.take(order)
+        same = pc.equal(ordered[1:], ordered[:-1]) if len(array) > 1 else pa.array([], pa.bool_())
+        if len(array) > 1 and pc.any(same).as_py():
+            dup = ordered[int(pc.index(same, True).as_py())].as_py()
+            raise DataError(f"corpus {os.fspath(path)}: document id {dup!r} occurs more than once")
+    return array
+
+
+def _iter_ids(path: str | os.PathLike, **source_options: Any) -> Iterator[tuple[list[str], None]]:
+    path = os.fspath(path)
+    if _is_jsonl(path):
+        _check_file(path, "corpus")
+        ids: list[str] = []
+        for lineno, obj in _iter_jsonl(path, "corpus"):
+            ids.append(_doc_id(obj, path, lineno))
+            if len(ids) >= 65_536:
+                yield ids, None
+                ids = []
+        if ids:
+            yield ids, None
+        return
+    for ids, _ in _iter_corpus_arrow(path, batch_size=65_536, **source_options):
+        yield ids, None
+
+
+def id_ranks(ids) -> Any:
+    """rank[i] = position of ids[i] in byte (= Unicode code point) order, as int64 numpy array."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(ids).to_numpy()
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order), dtype=np.int64)
+    return ranks
+
+
+def load_queries(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a BEIR queries.jsonl (fields `_id`, `text`); a duplicate id is an error."""
+    path = _check_file(path, "queries")
+    ids: list[str] = []
+    texts: list[str] = []
+    seen: set[str] = set()
+    if not _is_jsonl(path):
+        raise DataError(f"queries {path}: expected a BEIR queries.jsonl (one JSON object per line)")
+    for lineno, obj in _iter_jsonl(path, "queries"):
+        qid = _doc_id(obj, path, lineno)
+        text = _field(obj, "text", path, lineno)
+        if text is None:
+            raise DataError(f"{path}:{lineno}: query {qid!r} has null 'text'")
+        if qid in seen:
+            raise DataError(f"{path}:{lineno}: query id {qid!r} occurs more than once")
+        seen.add(qid)
+        ids.append(qid)
+        texts.append(str(text))
+    if not ids:
+        raise DataError(f"queries {path} is empty")
+    return ids, texts
+
+
+def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{query_id: {corpus_id: grade}} from a BEIR qrels TSV or a TREC qrels file.
+
+    BEIR: tab-separated `query-id corpus-id score` with a header line. TREC: whitespace-separated
+    `query-id iteration corpus-id relevance`, no header. Grades are integers (0 = judged not
+    relevant); a pair listed twice keeps its last grade, as BEIR's loader does.
+    """
+    path = _check_file(path, "qrels")
+    qrels: dict[str, dict[str, int]] = {}
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            if lineno == 1 and _is_header(parts):
+                continue
+            if len(parts) == 3:
+                qid, docid, grade = parts
+            elif len(parts) == 4:
+                qid, _, docid, grade = parts
+            else:
+                raise DataError(
+                    f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score) "
+                    f"or 4 TREC fields (qid, 0, docid, rel); got {len(parts)}: {line.strip()[:80]!r}"
+                )
+            try:
+                value = int(float(grade))
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {grade!r} is not a number") from None
+            qrels.setdefault(qid.strip(), {})[docid.strip()] = value
+    if not qrels:
+        raise DataError(f"qrels {path} has no judgements")
+    return qrels
+
+
+def _is_header(parts: list[str]) -> bool:
+    try:
+        float(parts[-1])
+    except ValueError:
+        return True
+    return False
+
+
+def beir_paths(folder: str | os.PathLike, split: str = "test") -> dict[str, Path]:
+    """corpus/queries/qrels paths of a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)."""
+    root = Path(folder)
+    paths = {
+        "corpus": root / "corpus.jsonl",
+        "queries": root / "queries.jsonl",
+        "qrels": root / "qrels" / f"{split}.tsv",
+    }
+    for what, p in paths.items():
+        if not p.exists():
+            raise DataError(f"BEIR folder {root} has no {p.relative_to(root)} ({what})")
+    return paths

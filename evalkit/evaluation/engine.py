@@ -1,0 +1,235 @@
+"""The streaming evaluation engine, shared by the evaluate job and the evaluators.
+
+1) an encoder (evalkit.embed.encoder.StreamingEncoder: texts -> embeddings through the store,
+   with tallies) turns text batches into vectors;
+2) `pairs_pass` streams (left, right, label) batches: encode both sides, pair scores, update the
+   streaming similarity/classification metric and a score histogram.
+3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
+   into `exact_search` (O(queries x k) state), and scores the ranked lists with the dialect's
+   retrieval metrics and a recall@k curve.
+
+The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from evalkit.errors import DataError, EvalkitError
+from evalkit.search.exact import exact_search
+
+logger = logging.getLogger(__name__)
+
+DIALECTS = ("sentence-transformers", "trec_eval")
+DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
+PAIR_TASKS = ("similarity", "classification")
+PRIMARY = {"similarity": "spearman_cosine", "classification": "cosine_ap"}
+
+
+def _progress(total: int | None, desc: str, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True
+    )
+
+
+def pairs_pass(
+    batches: Iterable[tuple[Sequence[str], Sequence[str], np.ndarray]],
+    encoder: Any,
+    task: str,
+    *,
+    progress: bool = False,
+    where: str = "data",
+):
+    """Stream pair batches through `encoder` into the task's metric. -> (metrics, histogram, rows)."""
+    from evalkit.metrics.curves import ScoreHistogram
+    from evalkit.metrics.pairs import ClassificationMetrics, SimilarityMetrics, pair_scores
+
+    if task not in PAIR_TASKS:
+        raise EvalkitError(f"task must be one of {', '.join(PAIR_TASKS)}; got {task!r}")
+    metric = SimilarityMetrics() if task == "similarity" else ClassificationMetrics()
+    hist = ScoreHistogram()
+    rows = 0
+    with _progress(None, f"evaluate {task}", "pairs", progress) as bar:
+        for texts_l, texts_r, gold in batches:
+            gold = np.asarray(gold, dtype=np.float64)
+            if task == "classification":
+                _check_binary(gold, where, rows)
+            n = len(texts_l)
+            emb = encoder.encode(list(texts_l) + list(texts_r))
+            scores = pair_scores(emb[:n], emb[n:])
+            metric.update(scores, gold)
+            hist.update(scores["cosine"], gold)
+            rows += n
+            bar.update(n)
+    if rows == 0:
+        raise DataError(f"{where} has no pairs to evaluate")
+    return {k: float(v) for k, v in metric.compute().items()}, hist, rows
+
+
+def _check_binary(gold: np.ndarray, where: str, offset: int) -> None:
+    bad = ~np.isin(gold, (0.0, 1.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{where}: task 'classification' needs 0/1 labels; row {offset + i} has {gold[i]!r} "
+            "(use task 'similarity' for graded scores)"
+        )
+
+
+def check_k_values(k_values: Any) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in k_values})
+    except (TypeError, ValueError):
+        raise EvalkitError(f"k_values must be positive integers; got {k_values!r}") from None
+    if not ks or ks[0] <= 0:
+        raise EvalkitError(f"k_values must be positive integers; got {k_values!r}")
+    return ks
+
+
+def retrieval_pass(
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    qrels: dict[str, dict[str, int]],
+    corpus_batches: Iterable[tuple[Sequence[str], Sequence[str]]],
+    encoder: Any,
+    *,
+    k_values: Sequence[int],
+    dialect: str,
+    n_docs: int | None = None,
+    ignore_identical_ids: bool = False,
+    index: Any = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], np.ndarray, dict[str, float]]:
+    """Encode queries, stream (ids, texts) corpus batches into top-k, score the rankings.
+
+    -> (metrics keyed like cosine_ndcg@10, mean recall@k for k = 1..max k, timings)
+    """
+    from evalkit.metrics.retrieval import RetrievalMetrics
+
+    score_name = encoder.similarity
+    metric = RetrievalMetrics(
+        qrels,
+        k_values=check_k_values(k_values),
+        dialect=dialect,
+        score_name=score_name,
+        ignore_identical_ids=ignore_identical_ids,
+    )
+    t = time.perf_counter()
+    query_emb = encoder.encode(query_texts)
+    t_queries = time.perf_counter() - t
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with _progress(n_docs, "corpus", "docs", progress) as bar:
+            for doc_ids, texts in corpus_batches:
+                yield np.asarray(doc_ids, dtype=str), encoder.encode(texts)
+                bar.update(len(doc_ids))
+
+    t = time.perf_counter()
+    if index is None:
+        top_scores, top_ids = exact_search(
+            query_emb, blocks(), metric.depth, score=score_name, dialect=dialect
+        )
+    else:  # a FAISS factory string, "auto", a folder from `evalkit index build`, an EmbeddingIndex
+        from evalkit.search.ann import ann_search
+
+        top_scores, top_ids = ann_search(
+            query_emb,
+            blocks(),
+            metric.depth,
+            index=index,
+            score=score_name,
+            model_fingerprint=encoder.fingerprint,
+        )
+    t_search = time.perf_counter() - t
+    ranked = [[str(d) for d in row if str(d) != ""] for row in np.asarray(top_ids)]
+    scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]
+    metric.update(list(query_ids), ranked, scores)
+    metrics = _average(metric, dialect)
+    if ignore_identical_ids:
+        ranked = [[d for d in r if d != q] for q, r in zip(query_ids, ranked, strict=True)]
+    curve = _recall_curve(qrels, query_ids, ranked, metric.max_k)
+    timings = {"encode_queries_s": t_queries, "corpus_encode_and_search_s": t_search}
+    return metrics, curve, timings
+
+
+def _average(metric: Any, dialect: str) -> dict[str, float]:
+    """Mean over queries of every metric, summed in the order the reference sums it, so results
+    equal it bit for bit: InformationRetrievalEvaluator uses numpy's mean for precision, recall,
+    nDCG and MAP and a running sum / n for accuracy and MRR; MTEB (trec_eval) a running sum / n."""
+    per_query = metric.compute_per_query()
+    if not per_query:
+        return metric.compute()  # raises the metric's own "no query" error
+    n = len(per_query)
+    out = {}
+    for key in metric.keys:
+        values = [v[key] for v in per_query.values()]
+        family = key.rsplit("_", 1)[-1].split("@")[0]
+        if dialect == "sentence-transformers" and family not in ("accuracy", "mrr"):
+            out[key] = float(np.mean(values))
+        else:
+            total = 0.0
+            for value in values:
+                total += value
+            out[key] = total / n
+    return out
+
+
+def _recall_curve(qrels, query_ids, ranked, max_k: int) -> np.ndarray:
+    from evalkit.metrics.curves import RecallCurve
+
+    curve = RecallCurve(max_k)
+    rows, sizes = [], []
+    for q, docs in zip(query_ids, ranked, strict=True):
+        relevant = {d for d, g in qrels.get(q, {}).items() if g > 0}
+        if relevant:
+            rows.append(
+                [d in relevant for d in docs[:max_k]] + [False] * (max_k - len(docs[:max_k]))
+            )
+            sizes.append(len(relevant))
+    if rows:
+        curve.update(np.asarray(rows, dtype=np.float64), np.asarray(sizes))
+    return curve.compute()
+
+
+def judged_queries(
+    qrels: Mapping[str, Any],
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    *,
+    where: str = "queries",
+) -> tuple[list[str], list[str]]:
+    """The queries that have judgements, in query order; a judged id missing from the queries raises."""
+    known = set(query_ids)
+    unknown = [q for q in qrels if q not in known]
+    if unknown:
+        raise DataError(
+            f"qrels judge {len(unknown)} query id(s) that are not in {where}, e.g. {unknown[0]!r}; "
+            "are the qrels and queries from the same dataset?"
+        )
+    keep = [i for i, q in enumerate(query_ids) if q in qrels]
+    return [query_ids[i] for i in keep], [query_texts[i] for i in keep]
+
+
+def normalize_qrels(relevant: Mapping[Any, Any]) -> dict[str, dict[str, int]]:
+    """{qid: {doc: grade}} from that or from sentence-transformers' {qid: set of relevant docs}."""
+    if not isinstance(relevant, Mapping):
+        raise EvalkitError(
+            f"relevant docs must be a dict of query id -> docs; got {type(relevant).__name__}"
+        )
+    out: dict[str, dict[str, int]] = {}
+    for qid, docs in relevant.items():
+        if isinstance(docs, Mapping):
+            out[str(qid)] = {str(d): int(g) for d, g in docs.items()}
+        else:
+            out[str(qid)] = {str(d): 1 for d in docs}
+    return out
+
+
+# ------------------------------------------------------------------ sentence-transformers evaluators

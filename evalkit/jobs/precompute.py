@@ -1,0 +1,369 @@
+"""The resumable embedding precompute job: DATA column -> Arrow IPC shards + manifest.json.
+
+1. Plan (pure, `plan_shards`): the job's rows are `[rows*I//N, rows*(I+1)//N)` for `--shard I/N`
+   (disjoint and complete over I = 0..N-1, under any scheduler); they are cut at global multiples
+   of `rows_per_shard`, so shard files have the same names however the job is split.
+2. Refuse an output directory made with another model fingerprint, dtype, input, column or
+   shard size (FingerprintMismatchError / StoreError) unless `overwrite=True`.
+3. Verify shards the manifest lists as done (size + BLAKE2b) and skip them.
+4. Stream the input (evalkit.data.readers.iter_batches, only the text and id columns) through one
+   StreamingEncoder; write each shard to a temp file in DIR as windows arrive
+   (`id`, `embedding`: fixed_size_list<float32|float16>[dim]), fsync, `os.replace` into place, then
+   rewrite the manifest the same way. A kill -9 loses at most the shard in progress, and its
+   windows already in the store come back as cache hits on the next run (byte-identical: whether a
+   text hits depends only on the texts before it).
+
+One manifest per job: `manifest.json` for 1/1, `manifest-IIIII-of-NNNNN.json` for `--shard I/N`,
+so N jobs can share one DIR; `load_manifest` merges them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evalkit.embed.shards import (
+    _SHARD_GLOB,
+    DEFAULT_ROWS_PER_SHARD,
+    FORMAT,
+    ID_COLUMN,
+    VECTOR_COLUMN,
+    _atomic_write_json,
+    _file_digest,
+    _manifest_name,
+    _manifests,
+    _read_json,
+    parse_shard,
+    plan_shards,
+    shard_name,
+)
+from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
+
+
+class _RowReader:
+    """Row cursor over record batches: skip_to(row), then take(n) batch slices."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._current = None
+        self.row = 0
+
+    def _next(self) -> Any:
+        if self._current is None or len(self._current) == 0:
+            self._current = next(self._batches, None)
+        return self._current
+
+    def skip_to(self, row: int) -> None:
+        while self.row < row:
+            cur = self._next()
+            if cur is None:
+                raise DataError(
+                    f"input ended at row {self.row}, before row {row}; did it change while encoding?"
+                )
+            step = min(len(cur), row - self.row)
+            self._current, self.row = cur.slice(step), self.row + step
+
+    def take(self, n: int) -> Iterator[Any]:
+        while n > 0:
+            cur = self._next()
+            if cur is None:
+                raise DataError(f"input ended at row {self.row}; did it change while encoding?")
+            piece, self._current = cur.slice(0, n), cur.slice(n)
+            self.row += len(piece)
+            n -= len(piece)
+            yield piece
+
+
+def run_precompute(
+    data: Any,
+    *,
+    column: str,
+    out: str | os.PathLike,
+    id_column: str | None = None,
+    model: Any = None,
+    cache: Any = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    dtype: str = "float32",
+    shard: tuple[int, int] | str = (0, 1),
+    overwrite: bool = False,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    window: int | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    normalize: bool = False,
+    progress: bool = True,
+    **source_options: Any,
+) -> dict:
+    """Encode column `column` of `data` into Arrow shards under `out`; returns the manifest.
+
+    `cache`: store directory (None: $EVALKIT_CACHE or ./cache; False: no store). The manifest's
+    "last_run" holds this run's rows/hits/misses/seconds and the shards it skipped.
+    """
+    from evalkit.data import readers as arrow
+    from evalkit.data.fingerprint import data_fingerprint
+    from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats, StreamingEncoder
+    from evalkit.embed.store import DTYPES, EmbeddingStore
+
+    shard = parse_shard(shard)
+    if dtype not in DTYPES:
+        raise EvalkitError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard)):
+        if not isinstance(value, int) or value <= 0:
+            raise EvalkitError(f"{name} must be a positive integer; got {value!r}")
+    window = window or min(DEFAULT_WINDOW, rows_per_shard)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"--out {out} is a file; give a directory")
+    columns = [column] + ([id_column] if id_column and id_column != column else [])
+    t_start = time.perf_counter()
+    try:
+        input_fp = data_fingerprint(data)
+    except TypeError:
+        input_fp = None
+    rows = arrow.count_rows(data, **source_options)
+    store = None if cache is False else EmbeddingStore(cache, dtype=dtype)
+    encoder = StreamingEncoder(model, store=store, batch_size=batch_size, window=window, prompt=prompt,
+                               prompt_name=prompt_name, normalize=normalize, device=device, dtype=dtype)  # fmt: skip
+    try:
+        manifest = _prepare(
+            out,
+            encoder,
+            input_fp,
+            rows,
+            column,
+            id_column,
+            dtype,
+            shard,
+            rows_per_shard,
+            overwrite,
+            data,
+            model,
+        )
+        plan = plan_shards(rows, shard, rows_per_shard)
+        manifest.setdefault("runs", []).append(
+            {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
+        )
+        done = _verified(out, manifest, plan)
+        manifest["shards"] = [done[r] for r in plan if r in done]
+        todo = [r for r in plan if r not in done]
+        stats = EncodeStats()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=sum(b - a for a, b in todo),
+                unit="rows",
+                desc=f"encode {out.name}",
+                dynamic_ncols=True,
+            )
+        try:
+            if todo:
+                reader = _RowReader(arrow.iter_batches(data, columns=columns, **source_options))
+                for a, b in todo:
+                    reader.skip_to(a)
+                    entry = _write_shard(
+                        out, encoder, reader, a, b, column, id_column, dtype, stats, bar
+                    )
+                    manifest["shards"].append(entry)
+                    manifest["shards"].sort(key=lambda s: s["start"])
+                    _save(out, manifest, shard, plan, stats)
+            encoder.close()
+        finally:
+            if bar is not None:
+                bar.close()
+        manifest = _save(out, manifest, shard, plan, stats)
+    finally:
+        encoder.close()
+    manifest["last_run"] = {
+        "rows": stats.rows,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "duplicates": stats.duplicates,
+        "skipped_shards": len(done),
+        "written_shards": len(todo),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return manifest
+
+
+def _prepare(
+    out,
+    encoder,
+    input_fp,
+    rows,
+    column,
+    id_column,
+    dtype,
+    shard,
+    rows_per_shard,
+    overwrite,
+    data,
+    model,
+) -> dict:
+    expected = {
+        "model_fingerprint": encoder.fingerprint,
+        "input_fingerprint": input_fp,
+        "column": column,
+        "id_column": id_column,
+        "dtype": dtype,
+        "dim": encoder.dim,
+        "rows": rows,
+        "rows_per_shard": rows_per_shard,
+    }
+    existing = _manifests(out) if out.is_dir() else []
+    if existing and overwrite:
+        for path in [*out.glob("manifest*.json"), *out.glob(_SHARD_GLOB), *out.glob(".*.tmp-*")]:
+            path.unlink()
+        existing = []
+    for old in existing:
+        if old.get("model_fingerprint") != encoder.fingerprint:
+            raise FingerprintMismatchError(
+                f"{out} holds embeddings of another model (fingerprint {old.get('model_fingerprint')}, "
+                f"this one is {encoder.fingerprint}); use another --out or pass --overwrite"
+            )
+        for key, value in expected.items():
+            if old.get(key) != value:
+                raise StoreError(
+                    f"{out} was made with {key}={old.get(key)!r}, this run has {value!r}; "
+                    "use another --out or pass --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    mine = out / _manifest_name(shard)
+    if mine.exists():
+        return _read_json(mine)
+    from evalkit import __version__
+
+    return {
+        "format": FORMAT,
+        "evalkit_version": __version__,
+        "model": str(model) if model is not None else "all-MiniLM-L6-v2",
+        "input": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+        **expected,
+        "prompt": encoder.prompt,
+        "normalize": encoder.normalize,
+        "shard": list(shard),
+        "columns": {"id": ID_COLUMN, "vector": VECTOR_COLUMN},
+        "shards": [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _verified(out: Path, manifest: dict, plan: list[tuple[int, int]]) -> dict:
+    """Shards listed as done whose file still has its recorded size and digest."""
+    wanted = set(plan)
+    done = {}
+    for entry in manifest.get("shards", []):
+        key = (entry["start"], entry["end"])
+        path = out / entry["file"]
+        if (
+            key in wanted
+            and path.is_file()
+            and path.stat().st_size == entry["bytes"]
+            and _file_digest(path) == entry["blake2b"]
+        ):
+            done[key] = entry
+    return done
+
+
+def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
+    runs = manifest.setdefault("runs", [])
+    runs[-1].update(rows=stats.rows, hits=stats.hits, misses=stats.misses)
+    manifest["counts"] = {
+        "rows_done": sum(s["rows"] for s in manifest["shards"]),
+        "hits": sum(r["hits"] for r in runs),
+        "misses": sum(r["misses"] for r in runs),
+    }
+    manifest["row_range"] = [plan[0][0], plan[-1][1]] if plan else [0, 0]
+    manifest["complete"] = {(s["start"], s["end"]) for s in manifest["shards"]} == set(plan)
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _atomic_write_json(out / _manifest_name(shard), manifest)
+    return manifest
+
+
+def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, bar) -> dict:
+    import pyarrow as pa
+
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    ids: collections.deque = collections.deque()
+
+    def texts() -> Iterator[Any]:
+        row = a
+        for piece in reader.take(b - a):
+            ids.append(
+                piece.column(id_column)
+                if id_column
+                else pa.array(np.arange(row, row + len(piece), dtype=np.int64))
+            )
+            row += len(piece)
+            yield piece.column(column)
+
+    name = shard_name(a, b)
+    final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
+    _remove_stale_temps(out, name)
+    writer = None
+    try:
+        with open(tmp, "wb") as fh:
+            sink = pa.PythonFile(fh, mode="w")
+            update = None if bar is None else bar.update
+            for block in encoder.iter_encode(texts(), stats=stats, first_row=a, on_progress=update):
+                id_array = _take_ids(ids, len(block))
+                vec = pa.FixedSizeListArray.from_arrays(
+                    pa.array(block.astype(np_dtype).reshape(-1), type=value_type), block.shape[1]
+                )
+                batch = pa.record_batch([id_array, vec], names=[ID_COLUMN, VECTOR_COLUMN])
+                if writer is None:
+                    writer = pa.ipc.new_file(sink, batch.schema)
+                writer.write_batch(batch)
+                if bar is not None:
+                    bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
+            if writer is None:
+                raise DataError(f"no rows in [{a}, {b})")
+            writer.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "file": name,
+        "start": a,
+        "end": b,
+        "rows": b - a,
+        "bytes": final.stat().st_size,
+        "blake2b": _file_digest(final),
+    }
+
+
+def _remove_stale_temps(out: Path, name: str) -> None:
+    """Temp files of this shard left by a killed process (whose pid is gone) are removed."""
+    for tmp in out.glob(f".{name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _take_ids(ids: collections.deque, n: int) -> Any:
+    import pyarrow as pa
+
+    parts, need = [], n
+    while need:
+        head = ids.popleft()
+        if len(head) > need:
+            ids.appendleft(head.slice(need))
+            head = head.slice(0, need)
+        parts.append(head)
+        need -= len(head)
+    return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)

@@ -1,0 +1,294 @@
+"""Building a FAISS index from streamed embeddings, in bounded memory.
+
+1) plan: with no spec, `choose_index(rows, dim, memory_budget)` (`evalkit.search.plan`) picks a
+   FAISS factory string from the row count, the dimension and the memory budget, and says why;
+2) sample: an index that needs training (IVF, PQ, OPQ, ...) is trained on a uniform sample of the
+   rows (a reservoir over one pass when the source can be read twice, else its first rows);
+3) add: the rows are added in chunks at positions 0..n-1 (cosine: each chunk is L2-normalised and
+   searched by inner product), while the data's ids stream into an Arrow file beside the index;
+4) save: `index.faiss`, `ids.arrow` and the sidecar `index.json` (spec, metric, dim, rows, model
+   fingerprint, build parameters), each written to a temporary file and moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evalkit.errors import DataError, EvalkitError
+from evalkit.search.index import (
+    FORMAT,
+    IDS_FILE,
+    EmbeddingIndex,
+    IdWriter,
+    _faiss,
+    _faiss_metric,
+    _prepare,
+    parameter_grid,
+    set_search_params,
+)
+from evalkit.search.plan import choose_index, parse_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Source:
+    """A normalised embedding source: how to read its blocks, and what is known in advance."""
+
+    blocks: Callable[[], Iterator[tuple[Any, np.ndarray]]]
+    rows: int | None
+    dim: int | None
+    reiterable: bool
+    model_fingerprint: str | None = None
+
+
+def _as_source(source: Any, ids: Sequence | None, chunk_size: int) -> _Source:
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2:
+            raise DataError(f"embeddings must be a 2-D array [rows, dim]; got shape {source.shape}")
+        n = len(source)
+        if ids is not None and len(ids) != n:
+            raise DataError(f"{len(ids)} ids for {n} embedding rows; give one id per row")
+
+        def array_blocks() -> Iterator[tuple[Any, np.ndarray]]:
+            for s in range(0, n, chunk_size):
+                block_ids = (
+                    np.arange(s, min(s + chunk_size, n)) if ids is None else ids[s : s + chunk_size]
+                )
+                yield block_ids, source[s : s + chunk_size]
+
+        return _Source(array_blocks, n, source.shape[1], True)
+    if isinstance(source, str | os.PathLike):
+        from evalkit.embed.shards import iter_embeddings, load_manifest
+
+        manifest = load_manifest(source)
+        return _Source(
+            lambda: iter(iter_embeddings(source)),
+            int(manifest["rows"]),
+            int(manifest["dim"]),
+            True,
+            manifest.get("model_fingerprint"),
+        )
+    if callable(source):
+        return _Source(lambda: iter(source()), None, None, True)
+    iterator = iter(source)
+    used = []
+
+    def once() -> Iterator[tuple[Any, np.ndarray]]:
+        if used:
+            raise EvalkitError(
+                "this embedding stream was already consumed; pass a callable that reopens it"
+            )
+        used.append(True)
+        return iterator
+
+    return _Source(once, None, None, False)
+
+
+def _sample(src: _Source, size: int, seed: int, budget: int) -> tuple[np.ndarray, int, int]:
+    """(sample [<=size, dim], rows, dim) by reservoir sampling over one pass (Algorithm R, applied
+    a block at a time: row t replaces slot j ~ U[0, t] when j < size). The reservoir takes at most
+    a quarter of the memory budget."""
+    rng = np.random.default_rng(seed)
+    reservoir: np.ndarray | None = None
+    seen = 0
+    for _, vectors in src.blocks():
+        v = np.asarray(vectors)
+        if v.ndim != 2:
+            raise DataError(f"embedding blocks must be 2-D [rows, dim]; got shape {v.shape}")
+        if reservoir is None:
+            size = max(1, min(size, budget // 4 // (4 * v.shape[1])))
+            reservoir = np.empty((size, v.shape[1]), dtype=np.float32)
+        elif v.shape[1] != reservoir.shape[1]:
+            raise DataError(
+                f"embedding dimension changes from {reservoir.shape[1]} to {v.shape[1]}"
+            )
+        fill = max(0, min(size - seen, len(v)))
+        reservoir[seen : seen + fill] = v[:fill]
+        if fill < len(v):
+            t = np.arange(seen + fill, seen + len(v))
+            j = (rng.random(len(t)) * (t + 1)).astype(np.int64)
+            keep = j < size
+            reservoir[j[keep]] = v[fill:][keep]
+        seen += len(v)
+    if reservoir is None or seen == 0:
+        raise DataError("no embeddings to index (the source is empty)")
+    return reservoir[: min(size, seen)], seen, reservoir.shape[1]
+
+
+def _train_size(index: Any, rows: int, dim: int, budget: int) -> int:
+    """Rows to train on: 64 per IVF list (>= 39 that FAISS asks for), >= 10,000 for PQ codebooks,
+    all rows when there are fewer, and at most a quarter of the memory budget."""
+    faiss = _faiss()
+    want = 20_000
+    try:
+        want = max(want, 64 * faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        pass
+    cap = max(1_000, budget // 4 // (4 * dim))
+    return int(min(rows, want, cap, 1_000_000))
+
+
+def build_index(
+    source: Any,
+    *,
+    spec: str | None = None,
+    ids: Sequence | None = None,
+    metric: str = "cosine",
+    memory_budget: str | int = "4G",
+    model_fingerprint: str | None = None,
+    out: str | os.PathLike | None = None,
+    chunk_size: int = 65536,
+    train_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> EmbeddingIndex:
+    """Build a FAISS index over embeddings and (with `out`) save it.
+
+    `source`: an array [rows, dim] (ids = `ids` or 0..rows-1); a precompute output directory
+    (evalkit.jobs.precompute; its model fingerprint is recorded); a callable returning an iterator of
+    (ids, vectors) blocks (read twice: sample, then add); or such an iterator (read once: trained
+    on its first rows). `spec`: any FAISS factory string ('Flat', 'HNSW32', 'IVF1024,Flat',
+    'OPQ16,IVF1024,PQ16', ...) or None/'auto' to let `choose_index` decide.
+    """
+    faiss = _faiss()
+    fmetric = _faiss_metric(metric)
+    budget = parse_size(memory_budget)
+    if chunk_size <= 0:
+        raise EvalkitError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    src = _as_source(source, ids, chunk_size)
+    fingerprint = model_fingerprint or src.model_fingerprint
+    t0 = time.perf_counter()
+
+    sample, rows, dim = None, src.rows, src.dim
+    head: list[tuple[Any, np.ndarray]] = []
+    if src.reiterable and (rows is None or dim is None):
+        sample, rows, dim = _sample(src, 50_000, seed, budget)  # the counting pass also samples
+    elif not src.reiterable:  # one-shot stream: look at the first block for the dimension
+        stream = src.blocks()
+        first = next(stream, None)
+        if first is None:
+            raise DataError("no embeddings to index (the source is empty)")
+        head.append(first)
+        dim = np.asarray(first[1]).shape[1]
+
+    auto = spec is None or str(spec).strip().lower() in ("", "auto")
+    if auto:
+        if rows is None:
+            raise EvalkitError(
+                "choosing an index needs the row count; pass spec= or a re-readable source"
+            )
+        choice = choose_index(rows, dim, budget)
+        spec, reason, search_params = choice.spec, choice.reason, dict(choice.search_params)
+    else:
+        spec, reason, search_params = str(spec).strip(), "given", {}
+    try:
+        index = faiss.index_factory(dim, spec, fmetric)
+    except RuntimeError as exc:
+        raise EvalkitError(
+            f"FAISS cannot build index spec {spec!r} for dimension {dim} "
+            f"({str(exc).strip().splitlines()[-1][:200]}); see the FAISS index_factory docs"
+        ) from exc
+    if not search_params:
+        grid = parameter_grid(index)
+        search_params = grid[len(grid) // 2] if grid[0] else {}
+        if "efSearch" in search_params:
+            search_params = {"efSearch": 64}
+
+    train_rows = 0
+    if not index.is_trained:
+        n_train = train_size or _train_size(index, rows or 10**9, dim, budget)
+        if src.reiterable:
+            if sample is None or (len(sample) < n_train and len(sample) < rows):
+                sample, rows, _ = _sample(src, n_train, seed, budget)
+            x = sample
+            if len(sample) > n_train:  # a random subset of a uniform sample is uniform
+                pick = np.random.default_rng(seed).choice(len(sample), n_train, replace=False)
+                x = sample[np.sort(pick)]
+        else:
+            buffered = sum(len(v) for _, v in head)
+            for block in stream:
+                head.append(block)
+                buffered += len(block[1])
+                if buffered >= n_train:
+                    break
+            x = np.concatenate([np.asarray(v) for _, v in head])[:n_train]
+            log.warning("training %s on the first %d rows of a one-shot stream", spec, len(x))
+        x = _prepare(x, metric)
+        train_rows = len(x)
+        log.info("training %s on %d rows", spec, train_rows)
+        index.train(x)
+        del x
+    sample = None
+
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    writer = IdWriter(None if out is None else Path(out) / IDS_FILE)
+    blocks = _chain(head, stream) if not src.reiterable else src.blocks()
+    bar = _progress(progress, rows, f"adding to {spec}")
+    added = 0
+    for block_ids, vectors in blocks:
+        v = np.asarray(vectors)
+        if v.ndim != 2 or v.shape[1] != dim:
+            raise DataError(f"embedding block of shape {v.shape} does not match dimension {dim}")
+        n_ids = len(block_ids)
+        if n_ids != len(v):
+            raise DataError(f"a block has {n_ids} ids for {len(v)} embedding rows")
+        for s in range(0, len(v), chunk_size):
+            index.add(_prepare(v[s : s + chunk_size], metric))
+        writer.write(block_ids)
+        added += len(v)
+        if bar is not None:
+            bar.update(len(v))
+    if bar is not None:
+        bar.close()
+    if added == 0:
+        raise DataError("no embeddings to index (the source is empty)")
+    id_array = writer.close()
+    meta = {
+        "format": FORMAT,
+        "spec": spec,
+        "metric": metric,
+        "faiss_metric": "l2" if metric == "l2" else "inner_product",
+        "normalize": metric == "cosine",
+        "dim": int(dim),
+        "rows": int(index.ntotal),
+        "id_type": str(id_array.type),
+        "model_fingerprint": fingerprint,
+        "auto": auto,
+        "choice_reason": reason,
+        "memory_budget": budget,
+        "train_rows": train_rows,
+        "chunk_size": chunk_size,
+        "seed": seed,
+        "search_params": search_params,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "faiss_version": getattr(faiss, "__version__", "?"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result = EmbeddingIndex(index, id_array, meta, Path(out) if out is not None else None)
+    set_search_params(index, search_params)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _chain(head: list, stream: Iterator) -> Iterator:
+    yield from head
+    yield from stream
+
+
+def _progress(enabled: bool, total: int | None, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True)

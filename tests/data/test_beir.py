@@ -1,0 +1,149 @@
+"""BEIR loaders: title/text joining as BEIR/MTEB do, streaming in any batch size, qrels formats,
+and one clear DataError per malformed line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evalkit.data import beir
+from evalkit.errors import DataError
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rows = [
+        {"_id": "d2", "title": "Title two", "text": "Body two."},
+        {"_id": "d10", "title": "", "text": "  Body ten.  "},
+        {"_id": "d1", "text": "No title key."},
+        {"_id": 7, "title": "Numeric id", "text": "seven"},
+        {"_id": "d3", "title": "Only title", "text": ""},
+    ]
+    return _write_jsonl(tmp_path / "corpus.jsonl", rows)
+
+
+def test_document_text_matches_beir_convention():
+    # BEIR SentenceBERT / MTEB: (title + " " + text).strip(), text.strip() without a title
+    assert beir.document_text("T", "body") == "T body"
+    assert beir.document_text("", " body ") == "body"
+    assert beir.document_text(None, "body") == "body"
+    assert beir.document_text("T", "") == "T"
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 10_000])
+def test_iter_corpus_streams_in_order_whatever_the_batch(corpus, block):
+    batches = list(beir.iter_corpus(corpus, batch_size=block))
+    assert all(len(ids) <= block for ids, _ in batches)
+    ids = [i for b, _ in batches for i in b]
+    texts = [t for _, b in batches for t in b]
+    assert ids == ["d2", "d10", "d1", "7", "d3"]
+    assert texts == [
+        "Title two Body two.",
+        "Body ten.",
+        "No title key.",
+        "Numeric id seven",
+        "Only title",
+    ]
+
+
+def test_corpus_ids_and_byte_order_ranks(corpus):
+    ids = beir.corpus_ids(corpus)
+    assert ids.to_pylist() == ["d2", "d10", "d1", "7", "d3"]
+    ranks = beir.id_ranks(ids)
+    expected = sorted(ids.to_pylist())  # Python str order = code point order
+    assert [expected[r] for r in ranks] == ids.to_pylist()
+    assert ranks.dtype == np.int64
+
+
+def test_duplicate_corpus_id_is_an_error(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "c.jsonl", [{"_id": "a", "text": "x"}, {"_id": "a", "text": "y"}]
+    )
+    with pytest.raises(DataError, match="'a' occurs more than once"):
+        beir.corpus_ids(path)
+
+
+def test_bad_corpus_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid JSON"):
+        list(beir.iter_corpus(path))
+    path.write_text('{"_id": "a", "body": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r":1: missing field 'text'; fields are: _id, body"):
+        list(beir.iter_corpus(path))
+    path.write_text('{"id": "a", "text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="missing field '_id'"):
+        list(beir.iter_corpus(path))
+    with pytest.raises(DataError, match="does not exist"):
+        list(beir.iter_corpus(tmp_path / "nope.jsonl"))
+
+
+def test_corpus_from_a_parquet_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"_id": ["a", "b"], "title": ["T", None], "text": ["x", "y "]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    batches = list(beir.iter_corpus(tmp_path / "corpus.parquet", batch_size=1))
+    assert batches == [(["a"], ["T x"]), (["b"], ["y"])]
+    pq.write_table(pa.table({"doc": ["a"], "text": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="columns are: doc, text"):
+        list(beir.iter_corpus(tmp_path / "bad.parquet"))
+
+
+def test_queries(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "q.jsonl",
+        [{"_id": "q1", "text": "one", "metadata": {}}, {"_id": 2, "text": "two"}],
+    )
+    assert beir.load_queries(path) == (["q1", "2"], ["one", "two"])
+    _write_jsonl(path, [{"_id": "q1", "text": "one"}, {"_id": "q1", "text": "again"}])
+    with pytest.raises(DataError, match="query id 'q1' occurs more than once"):
+        beir.load_queries(path)
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is empty"):
+        beir.load_queries(path)
+
+
+def test_qrels_beir_tsv_and_trec(tmp_path):
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t2\nq2\td1\t0\n", encoding="utf-8"
+    )
+    assert beir.load_qrels(tsv) == {"q1": {"d1": 1, "d2": 2}, "q2": {"d1": 0}}
+    trec = tmp_path / "qrels.txt"
+    trec.write_text("q1 0 d1 1\nq1 0 d2 2\nq2 0 d1 0\n", encoding="utf-8")
+    assert beir.load_qrels(trec) == beir.load_qrels(tsv)
+    tsv.write_text("query-id\tcorpus-id\tscore\nq1\td1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"test\.tsv:2: expected 3 tab-separated fields"):
+        beir.load_qrels(tsv)
+    tsv.write_text("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", encoding="utf-8")
+    with pytest.raises(DataError, match="score 'high' is not a number"):
+        beir.load_qrels(tsv)
+    tsv.write_text("query-id\tcorpus-id\tscore\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no judgements"):
+        beir.load_qrels(tsv)
+
+
+def test_real_scifact_layout(shared_data):
+    folder = shared_data / "beir-scifact"
+    paths = beir.beir_paths(folder, "test")
+    qrels = beir.load_qrels(paths["qrels"])
+    assert len(qrels) == 300 and sum(map(len, qrels.values())) == 339
+    ids, texts = beir.load_queries(paths["queries"])
+    assert len(ids) == 1109 and set(qrels) <= set(ids)
+    n = 0
+    first = None
+    for doc_ids, doc_texts in beir.iter_corpus(paths["corpus"], batch_size=1000):
+        first = first or (doc_ids[0], doc_texts[0])
+        n += len(doc_ids)
+    assert n == 5183 == len(beir.corpus_ids(paths["corpus"]))
+    row = json.loads(paths["corpus"].open(encoding="utf-8").readline())
+    assert first == (row["_id"], (row["title"] + " " + row["text"]).strip())

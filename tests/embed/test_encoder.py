@@ -1,0 +1,162 @@
+"""Streaming encoder: equal to SentenceTransformer.encode for any batch/window size, served from
+the store on a second run, honest keys for prompts/normalisation, and no lookups on a cold run."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from evalkit.embed.encoder import EncodeStats, encode_texts, iter_encode
+from evalkit.embed.store import EmbeddingStore
+from evalkit.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def texts(shared_data) -> list[str]:
+    with open(shared_data / "stsb" / "stsb-en-dev.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    out = [r[0] for r in rows[:300]] + [r[1] for r in rows[:100]]
+    # duplicates (within and across windows) and empty strings
+    return out + out[:40] + ["", "", out[5]]
+
+
+@pytest.mark.parametrize(("batch_size", "window"), [(1, 7), (7, 1), (16, 64), (64, 10_000)])
+def test_streamed_equals_sentence_transformers(tiny_model, texts, tmp_path, batch_size, window):
+    # tiny batches/windows on a subset (with its duplicates and empty strings) to keep this fast
+    sub = texts if min(batch_size, window) > 1 else texts[:20] + texts[:3] + texts[-3:]
+    reference = tiny_model.encode(sub, batch_size=batch_size, convert_to_numpy=True)
+    store = EmbeddingStore(tmp_path)
+    blocks = list(iter_encode(sub, tiny_model, store=store, batch_size=batch_size, window=window))
+    assert all(len(b) <= window for b in blocks)
+    got = np.concatenate(blocks)
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+    # warm: everything from the store, same vectors
+    stats = EncodeStats()
+    warm = np.concatenate(
+        list(
+            iter_encode(
+                sub, tiny_model, store=store, batch_size=batch_size, window=window, stats=stats
+            )
+        )
+    )
+    np.testing.assert_array_equal(warm, got)
+    assert stats.misses == 0 and stats.hits > 0 and stats.rows == len(sub)
+
+
+def test_without_store_and_input_forms(tiny_model, texts):
+    import pyarrow as pa
+
+    reference = tiny_model.encode(texts[:200], batch_size=32)
+    plain = encode_texts(texts[:200], tiny_model, batch_size=32)
+    np.testing.assert_allclose(plain.embeddings, reference, atol=1e-5, rtol=0)
+    chunked = pa.chunked_array([texts[:50], texts[50:200]])
+    np.testing.assert_allclose(
+        encode_texts(chunked, tiny_model, batch_size=32).embeddings, reference, atol=1e-5, rtol=0
+    )
+    batches = (texts[i : min(i + 33, 200)] for i in range(0, 200, 33))  # a generator of batches
+    np.testing.assert_allclose(
+        encode_texts(batches, tiny_model, batch_size=32, window=50).embeddings,
+        reference,
+        atol=1e-5,
+        rtol=0,
+    )
+    empty = encode_texts([], tiny_model)
+    assert empty.embeddings.shape == (0, 32)
+
+
+def test_duplicates_and_empty_strings(tiny_model, tmp_path):
+    data = ["", "same", "same", "", "other", "same"]
+    result = encode_texts(data, tiny_model, store=EmbeddingStore(tmp_path), window=4)
+    emb = result.embeddings
+    np.testing.assert_array_equal(emb[1], emb[2])
+    np.testing.assert_array_equal(emb[1], emb[5])
+    np.testing.assert_array_equal(emb[0], emb[3])
+    np.testing.assert_allclose(emb, tiny_model.encode(data), atol=1e-5, rtol=0)
+    # window 1: ["", "same", "same", ""] -> 2 unique misses; window 2: ["other", "same"] -> 1 miss, 1 hit
+    assert (result.misses, result.hits, result.stats.duplicates) == (3, 1, 2)
+
+
+def test_null_text_names_its_row(tiny_model):
+    with pytest.raises(DataError, match="row 3 is null"):
+        encode_texts(["a", "b", "c", None], tiny_model)
+    with pytest.raises(DataError, match="row 1 is a int"):
+        encode_texts(["a", 5], tiny_model)
+
+
+def test_prompt_and_normalisation_change_the_key(tiny_model, tmp_path):
+    store = EmbeddingStore(tmp_path)
+    data = ["a cat sits on the mat", "stock prices fell"]
+    base = encode_texts(data, tiny_model, store=store)
+    prompted = encode_texts(data, tiny_model, store=store, prompt="query: ")
+    normed = encode_texts(data, tiny_model, store=store, normalize=True)
+    assert base.misses == prompted.misses == normed.misses == 2
+    assert len({base.fingerprint, prompted.fingerprint, normed.fingerprint}) == 3
+    np.testing.assert_allclose(
+        prompted.embeddings, tiny_model.encode(data, prompt="query: "), atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(np.linalg.norm(normed.embeddings, axis=1), 1.0, atol=1e-6)
+    assert not np.allclose(base.embeddings, prompted.embeddings)
+    assert set(store.info()["models"]) == {
+        base.fingerprint,
+        prompted.fingerprint,
+        normed.fingerprint,
+    }
+    again = encode_texts(data, tiny_model, store=store, prompt="query: ")
+    assert again.hits == 2 and again.misses == 0
+
+
+def test_float16_store_serves_the_same_bytes_cold_and_warm(tiny_model, texts, tmp_path):
+    store = EmbeddingStore(tmp_path, dtype="float16")
+    cold = encode_texts(texts[:100], tiny_model, store=store)
+    warm = encode_texts(texts[:100], tiny_model, store=store)
+    assert warm.misses == 0
+    np.testing.assert_array_equal(cold.embeddings, warm.embeddings)
+    assert (
+        cold.fingerprint != encode_texts(texts[:2], tiny_model).fingerprint
+    )  # precision in the key
+
+
+def test_cold_run_does_no_lookups(tiny_model, texts, tmp_path, monkeypatch):
+    store = EmbeddingStore(tmp_path)
+    asked: list[int] = []
+    real = store.get_many
+
+    def counting(keys, **kw):
+        asked.append(len(keys))
+        return real(keys, **kw)
+
+    monkeypatch.setattr(store, "get_many", counting)
+    unique = list(dict.fromkeys(texts[:300]))
+    result = encode_texts(unique + unique[:10], tiny_model, store=store, window=100)
+    # only the 10 repeats (written by this run, in an earlier window) were looked up
+    assert sum(asked) == 10 and result.hits == 10
+    asked.clear()
+    encode_texts(unique, tiny_model, store=store, window=100)  # warm now: real lookups
+    assert sum(asked) == len(unique)
+
+
+def test_progress_bar_and_stats(tiny_model, texts, capsys):
+    stats = EncodeStats()
+    out = list(iter_encode(texts[:50], tiny_model, window=20, progress=True, stats=stats))
+    assert [len(b) for b in out] == [20, 20, 10]
+    assert stats.rows == 50 and stats.fingerprint
+    assert "rows" in capsys.readouterr().err
+
+
+def test_bad_arguments(tiny_model):
+    from evalkit.errors import EvalkitError
+
+    with pytest.raises(EvalkitError, match="batch_size must be a positive integer"):
+        iter_encode(["a"], tiny_model, batch_size=0)
+    with pytest.raises(EvalkitError, match="single string"):
+        encode_texts("abc", tiny_model)
+
+
+def test_minilm_matches_sentence_transformers(minilm, texts, tmp_path):
+    sub = texts[:48]
+    result = encode_texts(sub, minilm, store=EmbeddingStore(tmp_path), batch_size=16, window=20)
+    np.testing.assert_allclose(
+        result.embeddings, minilm.encode(sub, batch_size=16), atol=1e-5, rtol=0
+    )

@@ -1,0 +1,189 @@
+"""EmbeddingStore: batch round trips, checks on read, no eviction, info/clear/check, two writer
+processes at once, and a writer killed with SIGKILL in the middle of put_many."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evalkit.embed.store import SIZE_LIMIT, EmbeddingStore, default_cache_dir, make_keys
+from evalkit.errors import StoreError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _vectors(n: int, dim: int = 24, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def test_round_trip_found_mask_and_order(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    keys = make_keys("fp", [f"text {i}" for i in range(100)])
+    vecs = _vectors(100)
+    store.put_many(keys[:60], vecs[:60], model="fp")
+    query = keys[90:] + keys[:10][::-1] + [keys[3], keys[3]]
+    got, found = store.get_many(query, dim=24)
+    assert got.dtype == np.float32 and got.shape == (len(query), 24)
+    assert found.tolist() == [False] * 10 + [True] * 12
+    np.testing.assert_array_equal(got[10:20], vecs[:10][::-1])
+    np.testing.assert_array_equal(got[20], vecs[3])
+    assert not got[:10].any()
+    # nothing found: the shape still has dim
+    got, found = store.get_many(keys[70:72], dim=24)
+    assert got.shape == (2, 24) and not found.any()
+    assert store.get_many([])[0].shape == (0, 0)
+
+
+def test_float16_store_and_checks_on_read(tmp_path):
+    half = EmbeddingStore(tmp_path, dtype="float16")
+    keys = make_keys("fp16", ["a", "b"])
+    vecs = _vectors(2)
+    half.put_many(keys, vecs, model="fp16")
+    got, found = half.get_many(keys)
+    assert found.all() and got.dtype == np.float32
+    np.testing.assert_array_equal(got, vecs.astype(np.float16).astype(np.float32))
+    with pytest.raises(StoreError, match="dim 24, expected 12"):
+        half.get_many(keys, dim=12)
+    with pytest.raises(StoreError, match="float16, this store reads float32"):
+        EmbeddingStore(tmp_path).get_many(keys)
+    with pytest.raises(StoreError, match="dtype must be one of"):
+        EmbeddingStore(tmp_path, dtype="int8")
+    with pytest.raises(StoreError, match="shape"):
+        half.put_many(keys, vecs[:1], model="fp16")
+
+
+def test_nothing_is_evicted_and_diskcache_can_read_it(tmp_path):
+    import diskcache
+
+    store = EmbeddingStore(tmp_path)
+    assert store.cache.eviction_policy == "none"
+    assert store.cache.size_limit == SIZE_LIMIT
+    keys = make_keys("fp", ["x"])
+    store.put_many(keys, _vectors(1), model="fp")
+    plain = diskcache.Cache(str(tmp_path))
+    value = plain.get(keys[0])
+    assert isinstance(value, bytes) and value[:2] == b"EK"
+    assert len(plain) == 1
+
+
+def test_info_clear_and_check(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    store.put_many(make_keys("m1", ["a", "b", "c"]), _vectors(3), model="m1")
+    store.put_many(make_keys("m2", ["a"]), _vectors(1, dim=8), model="m2")
+    store.put_many(make_keys("m1", ["a"]), _vectors(1, seed=5), model="m1")  # already there
+    info = store.info()
+    assert info["entries"] == 4
+    assert info["models"]["m1"] == {
+        "entries": 3,
+        "bytes": 3 * (8 + 24 * 4),
+        "dim": 24,
+        "dtype": "float32",
+    }
+    assert info["models"]["m2"]["dim"] == 8
+    assert store.has_model("m1") and not store.has_model("m3")
+    assert store.check() == []
+    # corrupt one row behind the store's back: check() names it, fix removes it
+    store.cache._con.execute("UPDATE Cache SET value = x'00' WHERE rowid = 1")
+    problems = store.check()
+    assert any("row 1" in p for p in problems)
+    store.check(fix=True)
+    assert store.check() == []
+    assert store.clear(model="m2") == 1
+    assert set(store.info()["models"]) == {"m1"}
+    store.clear()
+    assert store.count() == 0
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("EVALKIT_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("EVALKIT_CACHE")
+    assert default_cache_dir() == Path("cache")
+
+
+def test_open_missing_or_file(tmp_path):
+    with pytest.raises(StoreError, match="no embedding store"):
+        EmbeddingStore(tmp_path / "none", create=False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        EmbeddingStore(tmp_path / "f")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from evalkit.embed.store import EmbeddingStore, make_keys
+    directory, name, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    store = EmbeddingStore(directory)
+    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    for start in range(0, n, batch):
+        texts = [f"{name} {i}" for i in range(start, start + batch)] + [f"shared {start}"]
+        vecs = np.tile(np.arange(start, start + batch + 1, dtype=np.float32)[:, None], (1, 16))
+        vecs[-1] = -1.0
+        store.put_many(make_keys("fp", texts), vecs, model="fp")
+        print("committed", start + batch, flush=True)
+    print("done", flush=True)
+    """
+)
+
+
+def _spawn(tmp_path, *args) -> subprocess.Popen:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_two_writer_processes_at_once(tmp_path):
+    store_dir = tmp_path / "store"
+    EmbeddingStore(store_dir).close()
+    procs = [_spawn(tmp_path, store_dir, name, 3000, 100) for name in ("left", "right")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip().endswith("done")
+    store = EmbeddingStore(store_dir)
+    for name in ("left", "right"):
+        got, found = store.get_many(make_keys("fp", [f"{name} {i}" for i in range(3000)]))
+        assert found.all()
+        np.testing.assert_array_equal(got[:, 0], np.arange(3000, dtype=np.float32))
+    assert store.count("fp") == 6000 + 30
+    assert store.check() == []
+
+
+def test_killed_in_the_middle_of_put_many(tmp_path):
+    store_dir = tmp_path / "store"
+    batch = 20000  # big transactions, so the kill lands inside one
+    proc = _spawn(tmp_path, store_dir, "k", 10**7, batch)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("committed"), proc.stderr.read()
+        time.sleep(0.15)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    store = EmbeddingStore(store_dir)
+    assert store.check() == []
+    count = store.count("fp")
+    assert count >= batch + 1 and count % (batch + 1) == 0  # whole transactions only
+    got, found = store.get_many(make_keys("fp", [f"k {i}" for i in range(batch)]), dim=16)
+    assert found.all()
+    np.testing.assert_array_equal(got[:, 5], np.arange(batch, dtype=np.float32))
+    # and it still takes writes
+    store.put_many(make_keys("fp", ["after"]), np.ones((1, 16), np.float32), model="fp")
+    assert store.get_many(make_keys("fp", ["after"]))[1].all()

@@ -1,0 +1,159 @@
+"""evalkit.search.index: auto choice, build from arrays/streams, save/load round trips, ids, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError
+
+faiss = pytest.importorskip("faiss")
+
+from _faiss_util import clustered, one_faiss_thread  # noqa: E402, F401
+
+from evalkit.search.build import build_index  # noqa: E402
+from evalkit.search.index import load_index, parameter_grid  # noqa: E402
+from evalkit.search.plan import choose_index, ivf_nlist, parse_size  # noqa: E402
+
+
+def brute_cosine(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    s = qn @ xn.T
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(3000)
+    ids = np.array([f"doc-{i:05d}" for i in range(len(x))], dtype=object)
+    return x, ids
+
+
+def test_parse_size():
+    assert parse_size("4G") == 4 * 1024**3
+    assert parse_size("512M") == 512 * 1024**2
+    assert parse_size("1.5GiB") == int(1.5 * 1024**3)
+    assert parse_size(1000) == 1000
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(EvalkitError, match="memory size"):
+            parse_size(bad)
+
+
+def test_choose_index_follows_rows_dim_and_budget():
+    assert choose_index(50_000, 384, "4G").spec == "Flat"
+    hnsw = choose_index(164_000, 384, "4G")
+    assert (
+        hnsw.spec == "HNSW32" and "fits" in hnsw.reason and hnsw.search_params == {"efSearch": 64}
+    )
+    ivf = choose_index(1_000_000, 384, "1.6G")  # HNSW32 (~1.7 GiB) does not fit, raw vectors do
+    assert ivf.spec == f"IVF{ivf_nlist(1_000_000)},Flat" and "HNSW32 does not fit" in ivf.reason
+    assert ivf_nlist(1_000_000) == 4096  # 4*sqrt(1e6) = 4000 -> nearest power of two
+    pq = choose_index(10_000_000, 768, "4G")
+    assert pq.spec.startswith("OPQ") and ",PQ" in pq.spec and pq.estimated_bytes <= parse_size("4G")
+    with pytest.raises(EvalkitError, match="memory budget"):
+        choose_index(10_000_000, 768, "10M")
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,SQ8"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_round_trip_identical_results_and_ids(tmp_path, data, spec, mmap):
+    x, ids = data
+    built = build_index(x, ids=ids, spec=spec, out=tmp_path / "idx", chunk_size=700)
+    q = x[:25] + 0.01
+    s1, p1 = built.search(q, 10)
+    loaded = load_index(tmp_path / "idx", mmap=mmap)
+    s2, p2 = loaded.search(q, 10)
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6)
+    assert loaded.rows == len(x) and loaded.dim == x.shape[1] and loaded.spec == spec
+    # ids map back to the data's ids, position by position
+    np.testing.assert_array_equal(loaded.ids_of(p2), ids[p2])
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["rows"] == len(x) and meta["metric"] == "cosine" and meta["normalize"] is True
+
+
+def test_flat_cosine_equals_brute_force_on_unnormalised_vectors(data):
+    x, ids = data
+    q = clustered(40, seed=5) * 7.0  # norms far from 1: the index must normalise
+    idx = build_index(x * 3.0, ids=ids, spec="Flat")
+    s, p = idx.search(q, 5)
+    bs, bp = brute_cosine(x, q, 5)
+    np.testing.assert_array_equal(p, bp)
+    np.testing.assert_allclose(s, bs, atol=1e-5)
+
+
+def test_streams_give_the_same_index_as_the_array(data):
+    x, ids = data
+    q = x[:10]
+
+    def blocks():
+        for s in range(0, len(x), 512):
+            yield ids[s : s + 512], x[s : s + 512]
+
+    ref = build_index(x, ids=ids, spec="IVF16,Flat", seed=1)
+    reopened = build_index(blocks, spec="IVF16,Flat", seed=1)  # read twice: sample, then add
+    once = build_index(blocks(), spec="Flat")  # a one-shot iterator
+    assert reopened.rows == once.rows == len(x)
+    assert reopened.meta["train_rows"] == len(x)  # fewer rows than the sample size: all of them
+    for idx in (reopened, once):
+        np.testing.assert_array_equal(idx.ids_of(idx.search(q, 1)[1])[:, 0], ids[:10])
+    np.testing.assert_array_equal(ref.search(q, 5)[1], reopened.search(q, 5)[1])
+
+
+def test_integer_ids_and_missing_results(data):
+    x, _ = data
+    int_ids = np.arange(len(x)) * 10 + 7
+    idx = build_index(x, ids=int_ids, spec="IVF16,Flat")
+    _, p = idx.search(x[:3], 2000, params={"nprobe": 1})  # one list holds fewer than 2000 rows
+    out = idx.ids_of(p)
+    assert out.dtype == np.int64 and (out[p < 0] == -1).all() and (p < 0).any()
+    np.testing.assert_array_equal(out[p >= 0], int_ids[p[p >= 0]])
+
+
+def test_parameter_grid(data):
+    x, _ = data
+    ivf = build_index(x, spec="IVF16,Flat").index
+    assert parameter_grid(ivf) == [{"nprobe": n} for n in (1, 2, 4, 8, 16)]
+    hnsw = build_index(x[:200], spec="HNSW8").index
+    assert parameter_grid(hnsw, k=20)[0] == {"efSearch": 24}
+    assert parameter_grid(build_index(x[:50], spec="Flat").index) == [{}]
+
+
+def test_auto_choice_recorded_in_sidecar(tmp_path, data):
+    x, ids = data
+    idx = build_index(x, ids=ids, out=tmp_path / "auto")
+    meta = json.loads((tmp_path / "auto" / "index.json").read_text())
+    assert idx.spec == meta["spec"] == "Flat" and meta["auto"] is True
+    assert "under 100,000 rows" in meta["choice_reason"]
+
+
+def test_bad_inputs(tmp_path, data):
+    x, ids = data
+    idx = build_index(x, ids=ids, spec="Flat", model_fingerprint="a" * 32, out=tmp_path / "i")
+    with pytest.raises(DataError, match="dimension 8 but the index"):
+        idx.search(np.ones((2, 8), np.float32), 3)
+    with pytest.raises(EvalkitError, match="larger than the corpus"):
+        idx.search(x[:2], len(x) + 1)
+    with pytest.raises(EvalkitError, match="k must be a positive integer"):
+        idx.search(x[:2], 0)
+    with pytest.raises(FingerprintMismatchError, match="built from embeddings of model"):
+        load_index(tmp_path / "i", model_fingerprint="b" * 32)
+    assert load_index(tmp_path / "i", model_fingerprint="b" * 32, force=True).rows == len(x)
+    assert load_index(tmp_path / "i", model_fingerprint="a" * 32).rows == len(x)
+    with pytest.raises(EvalkitError, match="cannot build index spec"):
+        build_index(x, spec="NotAnIndex42")
+    with pytest.raises(EvalkitError, match="metric must be one of"):
+        build_index(x, metric="manhattan")
+    with pytest.raises(DataError, match="ids for"):
+        build_index(x, ids=ids[:5])
+    with pytest.raises(EvalkitError, match="search parameter 'nprobe'"):
+        idx.search(x[:2], 3, params={"nprobe": 4})
+    with pytest.raises(DataError, match="not an evalkit index directory"):
+        load_index(tmp_path)
+    (tmp_path / "i" / "index.faiss").write_bytes(b"this is not a faiss index")
+    with pytest.raises(DataError, match="corrupt"):
+        load_index(tmp_path / "i")
