@@ -45,6 +45,14 @@ def add_parser(subparsers) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_data_and_index_args(p)
+    _add_run_and_output_args(p)
+    add_model_args(p)
+    add_source_args(p)
+    p.set_defaults(func=_run)
+
+
+def _add_data_and_index_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--corpus",
@@ -102,6 +110,9 @@ def add_parser(subparsers) -> None:
         default="cosine",
         help="similarity of the exact search and the index",
     )
+
+
+def _add_run_and_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--latency-queries",
         type=positive_int,
@@ -124,9 +135,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true", help="do not draw the recall-QPS curve")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print ann.json instead of the summary")
-    add_model_args(p)
-    add_source_args(p)
-    p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -44,6 +44,11 @@ def add_parser(subparsers) -> None:
     )
     sub = parser.add_subparsers(dest="evaluate_task", metavar="TASK", required=True)
 
+    _add_pairs_parser(sub)
+    _add_retrieval_parser(sub)
+
+
+def _add_pairs_parser(sub) -> None:
     p = sub.add_parser(
         "pairs",
         help="sentence pairs with a gold score (similarity) or a 0/1 label (classification)",
@@ -79,6 +84,8 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     p.set_defaults(func=_run_pairs)
 
+
+def _add_retrieval_parser(sub) -> None:
     r = sub.add_parser(
         "retrieval",
         help="queries against a corpus with relevance judgements (BEIR layout)",

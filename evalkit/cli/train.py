@@ -61,6 +61,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=_Formatter,
     )
     parser.add_argument("data", metavar="DATA", help="training pairs: file, dir, glob or URI")
+    _add_data_args(parser)
+    _add_optimisation_args(parser)
+    _add_output_args(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and loss")
     g.add_argument("--left", required=True, metavar="COL", help="column with the first text")
     g.add_argument("--right", required=True, metavar="COL", help="column with the second text")
@@ -94,6 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_source_args(parser)
 
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("optimisation")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=1, help="passes over the data")
@@ -132,6 +142,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--num-workers", type=int, default=0, help="DataLoader worker processes (tokenising)"
     )
 
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("evaluation, checkpoints and output")
     o.add_argument("--out", required=True, metavar="DIR", help="output directory")
     o.add_argument(
@@ -163,8 +175,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     o.add_argument("--log-every", type=positive_int, default=10, help="steps per log.jsonl record")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
-    return parser
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

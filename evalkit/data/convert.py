@@ -96,34 +96,10 @@ def convert(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    rows = 0
     try:
-        bar = _progress(total, progress, opened.label)
-        pool = pa.default_memory_pool()
-        with bar, pa.OSFile(str(tmp), "wb") as sink:
-            new_writer = pa.ipc.new_stream if stream else pa.ipc.new_file
-            with new_writer(sink, schema) as writer:
-                seen = 0  # rows read after the filter, for error messages
-                for batch in scan.batches():
-                    read = batch.num_rows
-                    if names:
-                        batch = batch.rename_columns(names)
-                    batch = _apply_null_policy(batch, texts, on_null, seen, opened, filter)
-                    if batch.schema != schema:
-                        batch = batch.cast(schema)
-                    writer.write_batch(batch)
-                    seen += read
-                    rows += batch.num_rows
-                    bar.update(read)
-                    # Hand freed decode buffers back to the OS after each batch: mimalloc
-                    # otherwise keeps them a while, and on bench_dataset's 2 GB Parquet that
-                    # retention was most of the RSS growth (+188 MB -> +106 MB; conversion
-                    # measured 0-17% slower, still ~2M rows/s).
-                    del batch
-                    pool.release_unused()
-                if bar.total != seen:  # an estimate, or rows a null policy dropped
-                    bar.total = seen
-                    bar.refresh()
+        rows = _write(
+            tmp, scan, schema, names, texts, (on_null, filter), opened, total, progress, stream
+        )
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
@@ -249,3 +225,36 @@ def _progress(total: int | None, enabled: bool, label: str) -> Any:
         desc=f"convert {label.rstrip('/').rsplit('/', 1)[-1]}"[:50],
         dynamic_ncols=True,
     )
+
+
+def _write(tmp, scan, schema, names, texts, nulls, opened, total, progress, stream) -> int:
+    """Scan batches into the IPC file `tmp` (renamed, null policy applied); -> rows written."""
+    on_null, filter = nulls
+    rows = 0
+    bar = _progress(total, progress, opened.label)
+    pool = pa.default_memory_pool()
+    with bar, pa.OSFile(str(tmp), "wb") as sink:
+        new_writer = pa.ipc.new_stream if stream else pa.ipc.new_file
+        with new_writer(sink, schema) as writer:
+            seen = 0  # rows read after the filter, for error messages
+            for batch in scan.batches():
+                read = batch.num_rows
+                if names:
+                    batch = batch.rename_columns(names)
+                batch = _apply_null_policy(batch, texts, on_null, seen, opened, filter)
+                if batch.schema != schema:
+                    batch = batch.cast(schema)
+                writer.write_batch(batch)
+                seen += read
+                rows += batch.num_rows
+                bar.update(read)
+                # Hand freed decode buffers back to the OS after each batch: mimalloc
+                # otherwise keeps them a while, and on bench_dataset's 2 GB Parquet that
+                # retention was most of the RSS growth (+188 MB -> +106 MB; conversion
+                # measured 0-17% slower, still ~2M rows/s).
+                del batch
+                pool.release_unused()
+            if bar.total != seen:  # an estimate, or rows a null policy dropped
+                bar.total = seen
+                bar.refresh()
+    return rows

@@ -7,7 +7,8 @@
 3) `Lookup` answers "which of these keys can be served": first from the vectors of the write
    still in flight, then from the store; on a cold store (nothing for this fingerprint at the
    start) only keys this run wrote can hit, so only those are looked up; it hands new vectors to
-   one background writer thread (one `put_many` transaction per window).
+   one background writer thread (one `put_many` transaction per window);
+4) `EncodeStats` counts rows, hits, misses, duplicates and seconds (merge: add).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -191,3 +193,41 @@ def check_sizes(batch_size: Any, window: Any) -> None:
         raise EvalkitError(f"batch_size must be a positive integer; got {batch_size!r}")
     if not isinstance(window, int) or window <= 0:
         raise EvalkitError(f"window must be a positive integer; got {window!r}")
+
+
+@dataclass
+class EncodeStats:
+    """Running counts of encoding. Hits/misses count unique texts per window."""
+
+    rows: int = 0  # merge: add
+    hits: int = 0  # merge: add
+    misses: int = 0  # merge: add
+    duplicates: int = 0  # merge: add (rows served by an equal text earlier in the same window)
+    seconds: float = 0.0  # merge: add
+    fingerprint: str = ""
+    dim: int | None = None
+
+    def merge(self, other: EncodeStats) -> EncodeStats:
+        self.rows += other.rows
+        self.hits += other.hits
+        self.misses += other.misses
+        self.duplicates += other.duplicates
+        self.seconds += other.seconds
+        self.fingerprint = self.fingerprint or other.fingerprint
+        self.dim = self.dim or other.dim
+        return self
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class EncodeResult:
+    embeddings: np.ndarray
+    hits: int
+    misses: int
+    seconds: float
+    fingerprint: str
+    stats: EncodeStats = field(default_factory=EncodeStats)

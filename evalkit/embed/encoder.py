@@ -31,13 +31,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from evalkit.embed import memo
-from evalkit.embed._window import (
+from evalkit.embed._window import (  # noqa: F401  (EncodeResult: part of this module's API)
+    EncodeResult,
+    EncodeStats,
     Lookup,
     check_sizes,
     check_texts,
@@ -51,44 +52,6 @@ from evalkit.errors import EvalkitError
 
 DEFAULT_WINDOW = 16384
 _SLICE = 1024  # texts per SentenceTransformer.encode call (rounded to whole batches)
-
-
-@dataclass
-class EncodeStats:
-    """Running counts of encoding. Hits/misses count unique texts per window."""
-
-    rows: int = 0  # merge: add
-    hits: int = 0  # merge: add
-    misses: int = 0  # merge: add
-    duplicates: int = 0  # merge: add (rows served by an equal text earlier in the same window)
-    seconds: float = 0.0  # merge: add
-    fingerprint: str = ""
-    dim: int | None = None
-
-    def merge(self, other: EncodeStats) -> EncodeStats:
-        self.rows += other.rows
-        self.hits += other.hits
-        self.misses += other.misses
-        self.duplicates += other.duplicates
-        self.seconds += other.seconds
-        self.fingerprint = self.fingerprint or other.fingerprint
-        self.dim = self.dim or other.dim
-        return self
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-@dataclass
-class EncodeResult:
-    embeddings: np.ndarray
-    hits: int
-    misses: int
-    seconds: float
-    fingerprint: str
-    stats: EncodeStats = field(default_factory=EncodeStats)
 
 
 class StreamingEncoder:
@@ -294,34 +257,22 @@ class StreamingEncoder:
         try:
             for texts_w in prefetch(windows(texts, self.window)):
                 t0 = time.perf_counter()
-                before = EncodeStats().merge(self.stats)
+                misses = self.stats.misses
                 check_texts(texts_w, row)
-                out = self._encode_window(texts_w, on_progress)
+                out = self._encode_window(texts_w, on_progress, stats)
                 row += len(texts_w)
-                self.stats.seconds += time.perf_counter() - t0
-                done = self._since(before)
+                elapsed = time.perf_counter() - t0
+                self.stats.seconds += elapsed
                 if stats is not None:
-                    stats.merge(done)
+                    stats.seconds += elapsed
                 if on_progress is not None:  # the rest: hits and duplicates
-                    on_progress(len(texts_w) - done.misses)
+                    on_progress(len(texts_w) - (self.stats.misses - misses))
                 if bar is not None:
                     bar.set_postfix(hits=self.stats.hits, misses=self.stats.misses, refresh=False)
                 yield out
         finally:
             if bar is not None:
                 bar.close()
-
-    def _since(self, before: EncodeStats) -> EncodeStats:
-        now = self.stats
-        return EncodeStats(
-            rows=now.rows - before.rows,
-            hits=now.hits - before.hits,
-            misses=now.misses - before.misses,
-            duplicates=now.duplicates - before.duplicates,
-            seconds=now.seconds - before.seconds,
-            fingerprint=self._fingerprint or "",
-            dim=self._dim,
-        )
 
     def _from_store(self, texts: list[str]) -> np.ndarray | None:
         """All of `texts` from the store (None if any is missing), without the model."""
@@ -332,16 +283,16 @@ class StreamingEncoder:
         if not found.all():
             return None
         self._dim = self._dim or (vectors.shape[1] if len(uniq) else None)
-        self._tally(len(texts), hits=len(uniq), misses=0)
+        self._tally(len(texts), len(uniq), 0)
         return vectors[inverse]
 
-    def _tally(self, rows_: int, *, hits: int, misses: int) -> None:
-        s = self.stats
-        s.rows += rows_
-        s.hits += hits
-        s.misses += misses
-        s.duplicates += rows_ - hits - misses
-        s.fingerprint, s.dim = self._fingerprint or s.fingerprint, self._dim
+    def _tally(self, rows_: int, hits: int, misses: int, extra: EncodeStats | None = None) -> None:
+        for s in (self.stats, extra) if extra is not None else (self.stats,):
+            s.rows += rows_
+            s.hits += hits
+            s.misses += misses
+            s.duplicates += rows_ - hits - misses
+            s.fingerprint, s.dim = self._fingerprint or s.fingerprint, self._dim
 
     def _encode_misses(self, texts: list[str], on_progress: Any) -> np.ndarray:
         """Encode in length order (longest first, like SentenceTransformer.encode), in slices of
@@ -379,7 +330,9 @@ class StreamingEncoder:
         )
         return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
 
-    def _encode_window(self, texts_w: list[str], on_progress: Any = None) -> np.ndarray:
+    def _encode_window(
+        self, texts_w: list[str], on_progress: Any = None, extra: EncodeStats | None = None
+    ) -> np.ndarray:
         """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4)."""
         from evalkit.embed.store import make_keys
 
@@ -401,7 +354,7 @@ class StreamingEncoder:
                 self._get_lookup().put([keys[i] for i in miss], new)
         if vecs is None:  # empty window
             vecs = np.zeros((0, self._dim or 0), dtype=np.float32)
-        self._tally(len(texts_w), hits=int(found.sum()), misses=len(miss))
+        self._tally(len(texts_w), int(found.sum()), len(miss), extra)
         return vecs[inverse]
 
     # ------------------------------------------------------------------------------- reports

@@ -216,10 +216,25 @@ def evaluate_retrieval(
             index=index,
             progress=progress,
         )
-    total_s = time.perf_counter() - t0
+    result = _retrieval_result(
+        metrics, encoder, ks, dialect, index, (corpus, queries, qrels), n_docs, qids, judged,
+        {"read_s": t_read, **timings, "total_s": time.perf_counter() - t0},
+    )  # fmt: skip
+    score = encoder.similarity
+    if out is not None and plots:
+        marks = {k: metrics[f"{score}_recall@{k}"] for k in ks if f"{score}_recall@{k}" in metrics}
+        result["plots"] = report.retrieval_plots(curve, out, dialect=dialect, marks=marks)
+    return report.finish(result, out)
+
+
+def _retrieval_result(metrics, encoder, ks, dialect, index, paths, n_docs, qids, judged, timings):
+    """The result dict of a retrieval evaluation (metrics.json's content)."""
+    from evalkit.jobs import report
+
+    corpus, queries, qrels = paths
     score = encoder.similarity
     headline = [f"{score}_{m}" for m in ("ndcg@10", "mrr@10", "map@100", "recall@10", "recall@100")]
-    result = {
+    return {
         "task": "retrieval",
         "dialect": dialect,
         "metrics": metrics,
@@ -237,15 +252,10 @@ def evaluate_retrieval(
         },
         "cache": encoder.cache_info(),
         "timings": {
-            "read_s": t_read,
+            "read_s": timings["read_s"],
             "model_load_s": encoder.load_s,
-            **timings,
-            "total_s": total_s,
+            **{k: v for k, v in timings.items() if k != "read_s"},
             "docs_per_s": n_docs / timings["corpus_encode_and_search_s"],
         },
         "versions": report.versions(),
     }
-    if out is not None and plots:
-        marks = {k: metrics[f"{score}_recall@{k}"] for k in ks if f"{score}_recall@{k}" in metrics}
-        result["plots"] = report.retrieval_plots(curve, out, dialect=dialect, marks=marks)
-    return report.finish(result, out)

@@ -109,19 +109,14 @@ def run_precompute(
     from evalkit.data import readers as arrow
     from evalkit.data.fingerprint import data_fingerprint
     from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats, StreamingEncoder
-    from evalkit.embed.store import DTYPES, EmbeddingStore
+    from evalkit.embed.store import EmbeddingStore
 
     shard = parse_shard(shard)
-    if dtype not in DTYPES:
-        raise EvalkitError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard)):
-        if not isinstance(value, int) or value <= 0:
-            raise EvalkitError(f"{name} must be a positive integer; got {value!r}")
+    _check_args(dtype, batch_size, rows_per_shard)
     window = window or min(DEFAULT_WINDOW, rows_per_shard)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EvalkitError(f"--out {out} is a file; give a directory")
-    columns = [column] + ([id_column] if id_column and id_column != column else [])
     t_start = time.perf_counter()
     try:
         input_fp = data_fingerprint(data)
@@ -131,21 +126,10 @@ def run_precompute(
     store = None if cache is False else EmbeddingStore(cache, dtype=dtype)
     encoder = StreamingEncoder(model, store=store, batch_size=batch_size, window=window, prompt=prompt,
                                prompt_name=prompt_name, normalize=normalize, device=device, dtype=dtype)  # fmt: skip
+    stats = EncodeStats()
     try:
-        manifest = _prepare(
-            out,
-            encoder,
-            input_fp,
-            rows,
-            column,
-            id_column,
-            dtype,
-            shard,
-            rows_per_shard,
-            overwrite,
-            data,
-            model,
-        )
+        manifest = _prepare(out, encoder, input_fp, rows, column, id_column, dtype, shard,
+                            rows_per_shard, overwrite, data, model)  # fmt: skip
         plan = plan_shards(rows, shard, rows_per_shard)
         manifest.setdefault("runs", []).append(
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
@@ -153,32 +137,12 @@ def run_precompute(
         done = _verified(out, manifest, plan)
         manifest["shards"] = [done[r] for r in plan if r in done]
         todo = [r for r in plan if r not in done]
-        stats = EncodeStats()
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=sum(b - a for a, b in todo),
-                unit="rows",
-                desc=f"encode {out.name}",
-                dynamic_ncols=True,
-            )
-        try:
-            if todo:
-                reader = _RowReader(arrow.iter_batches(data, columns=columns, **source_options))
-                for a, b in todo:
-                    reader.skip_to(a)
-                    entry = _write_shard(
-                        out, encoder, reader, a, b, column, id_column, dtype, stats, bar
-                    )
-                    manifest["shards"].append(entry)
-                    manifest["shards"].sort(key=lambda s: s["start"])
-                    _save(out, manifest, shard, plan, stats)
-            encoder.close()
-        finally:
-            if bar is not None:
-                bar.close()
+        if todo:
+            columns = [column] + ([id_column] if id_column and id_column != column else [])
+            batches = arrow.iter_batches(data, columns=columns, **source_options)
+            _encode_shards(out, manifest, encoder, batches, todo, (column, id_column, dtype),
+                           (shard, plan), stats, progress)  # fmt: skip
+        encoder.close()
         manifest = _save(out, manifest, shard, plan, stats)
     finally:
         encoder.close()
@@ -192,6 +156,39 @@ def run_precompute(
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     return manifest
+
+
+def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:
+    from evalkit.embed.store import DTYPES
+
+    if dtype not in DTYPES:
+        raise EvalkitError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard)):
+        if not isinstance(value, int) or value <= 0:
+            raise EvalkitError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _encode_shards(out, manifest, encoder, batches, todo, cols, job, stats, progress) -> None:
+    """Write each unfinished shard in row order, saving the manifest after each one."""
+    column, id_column, dtype = cols
+    shard, plan = job
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(b - a for a, b in todo)
+        bar = tqdm(total=total, unit="rows", desc=f"encode {out.name}", dynamic_ncols=True)
+    try:
+        reader = _RowReader(batches)
+        for a, b in todo:
+            reader.skip_to(a)
+            entry = _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, bar)
+            manifest["shards"].append(entry)
+            manifest["shards"].sort(key=lambda s: s["start"])
+            _save(out, manifest, shard, plan, stats)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _prepare(
