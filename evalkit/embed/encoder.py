@@ -333,9 +333,13 @@ class StreamingEncoder:
     def _encode_window(
         self, texts_w: list[str], on_progress: Any = None, extra: EncodeStats | None = None
     ) -> np.ndarray:
-        """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4)."""
+        """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4).
+
+        The model is loaded first: a fingerprint taken from the memo is confirmed on the loaded
+        model before any key of this window is looked up or written."""
         from evalkit.embed.store import make_keys
 
+        self.model  # noqa: B018 - loads the model and confirms a memoised fingerprint
         uniq, inverse = dedupe(texts_w)
         vecs, found = None, np.zeros(len(uniq), dtype=bool)
         keys: list[bytes] = []

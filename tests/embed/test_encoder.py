@@ -160,3 +160,44 @@ def test_minilm_matches_sentence_transformers(minilm, texts, tmp_path):
     np.testing.assert_allclose(
         result.embeddings, minilm.encode(sub, batch_size=16), atol=1e-5, rtol=0
     )
+
+
+def test_model_folder_is_served_from_the_store_without_loading(
+    tiny_model_dir, tiny_model, tmp_path
+):
+    """Guards against: the lazy path (model given as a folder, fingerprint from the memo) serving
+    vectors that differ from what the loaded model computes, or loading the model when every
+    text is already in the store."""
+    from evalkit.embed.encoder import StreamingEncoder
+
+    texts = ["alpha", "beta", "alpha", "gamma"]
+    with StreamingEncoder(str(tiny_model_dir), store=tmp_path / "s") as cold:
+        first = cold.encode(texts)
+        assert cold.loaded and cold.stats.misses == 3 and cold.stats.duplicates == 1
+    with StreamingEncoder(str(tiny_model_dir), store=tmp_path / "s") as warm:
+        again = warm.encode(texts)
+        assert not warm.loaded and warm.stats.hits == 3 and warm.stats.misses == 0
+        assert warm.fingerprint == cold.fingerprint and not warm.loaded
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, tiny_model.encode(texts), atol=1e-5, rtol=0)
+
+
+def test_a_wrong_memo_entry_is_confirmed_before_any_key_is_used(tiny_model_dir, tmp_path):
+    """Guards against: a stale or tampered fingerprint memo making the encoder serve partial hits
+    from, and write new vectors under, another model's fingerprint once the model must load."""
+    from evalkit.embed import memo
+    from evalkit.embed.encoder import StreamingEncoder
+    from evalkit.embed.store import make_keys
+
+    with StreamingEncoder(str(tiny_model_dir), store=tmp_path / "s") as enc:
+        truth = enc.encode(["alpha", "gamma"])
+        true_fp, key, dim = enc.fingerprint, enc._memo_key, enc.dim
+    bogus = "f" * 32
+    memo.remember(key, bogus)
+    planted = np.full((1, dim), 7.0, dtype=np.float32)
+    EmbeddingStore(tmp_path / "s").put_many(make_keys(bogus, ["alpha"]), planted, model=bogus)
+    with StreamingEncoder(str(tiny_model_dir), store=tmp_path / "s") as enc:
+        got = enc.encode(["alpha", "gamma"])  # 'gamma' is not under the bogus key: model loads
+        assert enc.loaded and enc.fingerprint == true_fp
+    np.testing.assert_array_equal(got, truth)
+    assert memo.lookup(key) == true_fp  # the memo is repaired
