@@ -94,85 +94,24 @@ def ann_check(
     rows held out. Writes OUT/ann.json, OUT/summary.md, OUT/recall_qps.png. See check_index."""
     import tempfile
 
-    from evalkit.data import beir
-
-    check_min_recall(min_recall)
-    if (corpus is None) == (embeddings is None):
-        raise EvalkitError("give exactly one of --corpus FILE or --embeddings DIR")
-    if qrels is not None and queries is None:
-        raise EvalkitError("--qrels needs --queries (the qrels judge those queries)")
-    if not isinstance(k, int) or k <= 0:
-        raise EvalkitError(f"k must be a positive integer; got {k!r}")
-    if queries is None and n_queries <= 0:
-        raise EvalkitError(f"n_queries must be a positive integer; got {n_queries!r}")
-    judged = beir.load_qrels(qrels) if qrels is not None else None
-    qids, qtexts = beir.load_queries(queries) if queries is not None else (None, None)
-    if judged is not None:
-        keep = [i for i, qid in enumerate(qids) if qid in judged]
-        qids, qtexts = [qids[i] for i in keep], [qtexts[i] for i in keep]
-        if not qids:
-            raise DataError(
-                f"no query in {queries} is judged in {qrels}; are they from the same dataset?"
-            )
-
+    _check_args(corpus, embeddings, queries, qrels, k, n_queries, min_recall)
+    judged, qids, qtexts = _read_queries(queries, qrels)
     encoder, fingerprint = None, None
     if corpus is not None or queries is not None:
-        from evalkit.embed.encoder import encode_texts
-        from evalkit.embed.fingerprint import model_fingerprint
-        from evalkit.embed.models import load_model
-
-        st_model = (
-            load_model(model, device=device)
-            if model is None or isinstance(model, str | os.PathLike)
-            else model
-        )
-        store = None if cache is False else _open_store(cache)
-        fingerprint = model_fingerprint(st_model)
-
-        def encoder(texts):
-            res = encode_texts(
-                list(texts), st_model, store=store, batch_size=batch_size, device=device
-            )
-            return np.asarray(res.embeddings, dtype=np.float32)
+        encoder, fingerprint = _make_encoder(model, cache, device, batch_size)
 
     with tempfile.TemporaryDirectory(
         prefix="evalkit-ann-", dir=out if out and Path(out).is_dir() else None
     ) as scratch:
         if embeddings is not None:
-            from evalkit.embed.shards import iter_embeddings, load_manifest
-
-            manifest = load_manifest(embeddings)
-            built_with = manifest.get("model_fingerprint")
-            if fingerprint and built_with and fingerprint != built_with:
-                msg = (
-                    f"embeddings in {embeddings} were made by model {built_with[:12]}..., but queries "
-                    f"would be encoded by {fingerprint[:12]}...; use the same --model, or --force"
-                )
-                if not force:
-                    raise FingerprintMismatchError(msg)
-                log.warning("%s (forced)", msg)
-            fingerprint = built_with or fingerprint
-            n_rows = int(manifest["rows"])
-
-            def blocks():
-                return iter(iter_embeddings(embeddings))
+            blocks, n_rows, fingerprint = _embedding_blocks(embeddings, fingerprint, force)
         else:
-            ids, mm = _memmap_corpus(
+            blocks, n_rows = _encoded_blocks(
                 corpus, encoder, Path(scratch), corpus_block, progress, **source_options
             )
-            n_rows = len(mm)
-
-            def blocks():
-                for s in range(0, n_rows, corpus_block):
-                    yield ids[s : s + corpus_block], mm[s : s + corpus_block]
-
         holdout, sample_ids = None, None
         if queries is None:
-            if n_rows < 2:
-                raise DataError("the corpus needs at least 2 rows to hold out queries")
-            n_q = min(n_queries, n_rows // 2)
-            holdout = np.sort(np.random.default_rng(seed).choice(n_rows, n_q, replace=False))
-            q_emb, sample_ids = _gather(blocks, holdout)
+            holdout, q_emb, sample_ids = _sample_queries(blocks, n_rows, n_queries, seed)
         else:
             q_emb = encoder(qtexts)
         result = check_index(
@@ -200,6 +139,100 @@ def ann_check(
     if out is not None:
         write_ann_report(result, out, plots=plots)
     return result
+
+
+def _check_args(corpus, embeddings, queries, qrels, k, n_queries, min_recall) -> None:
+    """Step 1's checks at the door, before any file is read or model loaded."""
+    check_min_recall(min_recall)
+    if (corpus is None) == (embeddings is None):
+        raise EvalkitError("give exactly one of --corpus FILE or --embeddings DIR")
+    if qrels is not None and queries is None:
+        raise EvalkitError("--qrels needs --queries (the qrels judge those queries)")
+    if not isinstance(k, int) or k <= 0:
+        raise EvalkitError(f"k must be a positive integer; got {k!r}")
+    if queries is None and n_queries <= 0:
+        raise EvalkitError(f"n_queries must be a positive integer; got {n_queries!r}")
+
+
+def _read_queries(queries, qrels) -> tuple[dict | None, list | None, list | None]:
+    """Step 1: (qrels, query ids, query texts), keeping only judged queries when qrels are given."""
+    from evalkit.data import beir
+
+    judged = beir.load_qrels(qrels) if qrels is not None else None
+    qids, qtexts = beir.load_queries(queries) if queries is not None else (None, None)
+    if judged is not None:
+        keep = [i for i, qid in enumerate(qids) if qid in judged]
+        qids, qtexts = [qids[i] for i in keep], [qtexts[i] for i in keep]
+        if not qids:
+            raise DataError(
+                f"no query in {queries} is judged in {qrels}; are they from the same dataset?"
+            )
+    return judged, qids, qtexts
+
+
+def _make_encoder(model: Any, cache: Any, device: str, batch_size: int):
+    """(texts -> float32 vectors through the store, the model's fingerprint)."""
+    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.fingerprint import model_fingerprint
+    from evalkit.embed.models import load_model
+
+    st_model = (
+        load_model(model, device=device)
+        if model is None or isinstance(model, str | os.PathLike)
+        else model
+    )
+    store = None if cache is False else _open_store(cache)
+    fingerprint = model_fingerprint(st_model)  # before encoding, as the encoder computes it
+
+    def encoder(texts):
+        res = encode_texts(list(texts), st_model, store=store, batch_size=batch_size, device=device)
+        return np.asarray(res.embeddings, dtype=np.float32)
+
+    return encoder, fingerprint
+
+
+def _embedding_blocks(embeddings, fingerprint: str | None, force: bool):
+    """Step 2, precompute output: (blocks, rows, fingerprint); the queries' model must be the one
+    that made the embeddings (unless forced)."""
+    from evalkit.embed.shards import iter_embeddings, load_manifest
+
+    manifest = load_manifest(embeddings)
+    built_with = manifest.get("model_fingerprint")
+    if fingerprint and built_with and fingerprint != built_with:
+        msg = (
+            f"embeddings in {embeddings} were made by model {built_with[:12]}..., but queries "
+            f"would be encoded by {fingerprint[:12]}...; use the same --model, or --force"
+        )
+        if not force:
+            raise FingerprintMismatchError(msg)
+        log.warning("%s (forced)", msg)
+
+    def blocks():
+        return iter(iter_embeddings(embeddings))
+
+    return blocks, int(manifest["rows"]), built_with or fingerprint
+
+
+def _encoded_blocks(corpus, encoder, scratch: Path, corpus_block: int, progress, **source_options):
+    """Step 2, corpus file: encoded once into a scratch memmap; (blocks over it, rows)."""
+    ids, mm = _memmap_corpus(corpus, encoder, scratch, corpus_block, progress, **source_options)
+    n_rows = len(mm)
+
+    def blocks():
+        for s in range(0, n_rows, corpus_block):
+            yield ids[s : s + corpus_block], mm[s : s + corpus_block]
+
+    return blocks, n_rows
+
+
+def _sample_queries(blocks: Blocks, n_rows: int, n_queries: int, seed: int):
+    """Step 3 without query files: (held-out rows, their vectors, their ids)."""
+    if n_rows < 2:
+        raise DataError("the corpus needs at least 2 rows to hold out queries")
+    n_q = min(n_queries, n_rows // 2)
+    holdout = np.sort(np.random.default_rng(seed).choice(n_rows, n_q, replace=False))
+    q_emb, sample_ids = _gather(blocks, holdout)
+    return holdout, q_emb, sample_ids
 
 
 def _open_store(cache: Any):
@@ -351,22 +384,7 @@ def build_corpus_index(
     scratch file, then build and save the index (ids = the corpus ids, fingerprint = the model's)."""
     import tempfile
 
-    from evalkit.embed.encoder import encode_texts
-    from evalkit.embed.fingerprint import model_fingerprint
-    from evalkit.embed.models import load_model
-
-    st_model = (
-        load_model(model, device=device)
-        if model is None or isinstance(model, str | os.PathLike)
-        else model
-    )
-    store = None if cache is False else _open_store(cache)
-    fingerprint = model_fingerprint(st_model)  # before encoding, as the encoder computes it
-
-    def encoder(texts):
-        res = encode_texts(list(texts), st_model, store=store, batch_size=batch_size, device=device)
-        return np.asarray(res.embeddings, dtype=np.float32)
-
+    encoder, fingerprint = _make_encoder(model, cache, device, batch_size)
     Path(out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".evalkit-index-", dir=out) as scratch:
         ids, mm = _memmap_corpus(

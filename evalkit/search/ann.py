@@ -217,24 +217,62 @@ def check_index(
     index_blocks, gt_blocks = _held_out(blocks, holdout)
 
     t = time.perf_counter()
+    idx = _open_index(
+        index, index_blocks, holdout, metric, memory_budget, model_fingerprint, force, progress
+    )
+    build_s = time.perf_counter() - t
+    metric = _check_against(idx, q, metric)
+    check_k(k, idx.rows)
+    k_eval = min(QRELS_K, idx.rows) if qrels is not None else k
+    k_gt = min(idx.rows, max(k, k_eval) + TIE_MARGIN)
+
+    t = time.perf_counter()
+    gt_scores, gt_pos = _ground_truth(idx, q, gt_blocks, k_gt, metric)
+    exact_s = time.perf_counter() - t
+
+    sweep = _sweep(idx, q, k, grid, gt_scores, gt_pos, target, latency_queries)
+    chosen, reached = _choose(sweep, k, target)
+    set_search_params(idx.index, chosen["params"])
+
+    result = _result(idx, q, chosen, reached, sweep, k, target, metric, holdout, model_fingerprint)
+    result["timings"] = {
+        "build_s": build_s,
+        "exact_s": exact_s,
+        "exact_qps": len(q) / exact_s if exact_s else None,
+    }
+    result["index_meta"] = {key: v for key, v in idx.meta.items() if key not in ("spec",)}
+    if qrels is not None:
+        result.update(_metric_deltas(idx, q, list(query_ids), qrels, gt_scores, gt_pos, k_eval))
+    return result
+
+
+def _open_index(
+    index, index_blocks, holdout, metric, memory_budget, model_fingerprint, force, progress
+) -> EmbeddingIndex:
+    """Step 3: the given EmbeddingIndex, a built index directory loaded, or a new index built over
+    the (held-out) corpus blocks from a factory string or the auto choice."""
     if isinstance(index, EmbeddingIndex):
-        idx = index
-    elif index is not None and Path(str(index)).is_dir():
+        return index
+    if index is not None and Path(str(index)).is_dir():
         idx = load_index(index, model_fingerprint=model_fingerprint, force=force)
         if holdout is not None:
             raise EvalkitError(
                 "a built index contains every corpus row; give queries, not sampled ones"
             )
-    else:
-        idx = build_index(
-            index_blocks,
-            spec=None if index is None else str(index),
-            metric=metric,
-            memory_budget=memory_budget,
-            model_fingerprint=model_fingerprint,
-            progress=progress,
-        )
-    build_s = time.perf_counter() - t
+        return idx
+    return build_index(
+        index_blocks,
+        spec=None if index is None else str(index),
+        metric=metric,
+        memory_budget=memory_budget,
+        model_fingerprint=model_fingerprint,
+        progress=progress,
+    )
+
+
+def _check_against(idx: EmbeddingIndex, q: np.ndarray, metric: str) -> str:
+    """The queries' dimension must be the index's; returns the metric to compare under (the
+    index's own when it differs from the one asked for)."""
     if idx.dim != q.shape[1]:
         raise DataError(
             f"query embeddings have dimension {q.shape[1]} but the index ({idx.spec}) has "
@@ -242,21 +280,35 @@ def check_index(
         )
     if idx.metric != metric:
         log.warning("index metric is %s; comparing against exact %s search", idx.metric, idx.metric)
-        metric = idx.metric
-    check_k(k, idx.rows)
-    k_eval = min(QRELS_K, idx.rows) if qrels is not None else k
-    k_gt = min(idx.rows, max(k, k_eval) + TIE_MARGIN)
+    return idx.metric
 
-    t = time.perf_counter()
+
+def _ground_truth(
+    idx: EmbeddingIndex, q: np.ndarray, gt_blocks: Blocks, k_gt: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2: exact top-k_gt (scores, corpus positions); the corpus must not outgrow the index."""
     gt_scores, gt_pos = exact_ground_truth(q, gt_blocks(), k_gt, metric=metric)
-    exact_s = time.perf_counter() - t
     gt_rows = int(np.max(gt_pos)) + 1 if gt_pos.size else 0
     if gt_rows > idx.rows:
         raise DataError(
             f"the corpus has more rows ({gt_rows:,}+) than the index ({idx.rows:,}); rebuild it"
         )
+    return gt_scores, gt_pos
 
-    sweep, chosen, after = [], None, 0
+
+def _sweep(
+    idx: EmbeddingIndex,
+    q: np.ndarray,
+    k: int,
+    grid: list[dict[str, int]] | None,
+    gt_scores: np.ndarray,
+    gt_pos: np.ndarray,
+    target: float | None,
+    latency_queries: int,
+) -> list[dict[str, Any]]:
+    """Step 4: time and score each setting of the grid, cheapest first; stop at recall 1 or two
+    settings past the first one reaching the target (they show the curve's shape)."""
+    sweep, reached, after = [], False, 0
     for params in grid or parameter_grid(idx.index, k):
         timing = time_search(idx, q, k, params, latency_queries=latency_queries)
         kr, one = recall_at_k(timing["positions"], gt_pos, gt_scores, k)
@@ -278,19 +330,28 @@ def check_index(
             row[f"recall@{k}"],
             row["qps"],
         )
-        if chosen is not None:
+        if reached:
             after += 1
         elif row[f"recall@{k}"] >= (target or DEFAULT_TARGET):
-            chosen = row
-        # the grid runs cheapest first: two settings past the chosen one show the curve's shape
+            reached = True
         if row[f"recall@{k}"] >= 1.0 - 1e-9 or after >= 2:
             break
-    reached = chosen is not None
-    if chosen is None:  # nothing reached the target: report the most accurate setting
-        chosen = max(sweep, key=lambda r: (r[f"recall@{k}"], r["qps"]))
-    set_search_params(idx.index, chosen["params"])
+    return sweep
 
-    result: dict[str, Any] = {
+
+def _choose(
+    sweep: list[dict[str, Any]], k: int, target: float | None
+) -> tuple[dict[str, Any], bool]:
+    """Step 5: the first (cheapest) setting reaching the target, else the most accurate one."""
+    for row in sweep:
+        if row[f"recall@{k}"] >= (target or DEFAULT_TARGET):
+            return row, True
+    return max(sweep, key=lambda r: (r[f"recall@{k}"], r["qps"])), False
+
+
+def _result(idx, q, chosen, reached, sweep, k, target, metric, holdout, model_fingerprint):
+    """The ann.json dict for the chosen setting (timings and deltas are added by the caller)."""
+    return {
         "index": idx.spec,
         "index_auto": bool(idx.meta.get("auto")),
         "index_reason": idx.meta.get("choice_reason"),
@@ -312,16 +373,7 @@ def check_index(
         "queries_sampled": holdout is not None,
         "model_fingerprint": model_fingerprint or idx.meta.get("model_fingerprint"),
         "sweep": sweep,
-        "timings": {
-            "build_s": build_s,
-            "exact_s": exact_s,
-            "exact_qps": len(q) / exact_s if exact_s else None,
-        },
-        "index_meta": {key: v for key, v in idx.meta.items() if key not in ("spec",)},
     }
-    if qrels is not None:
-        result.update(_metric_deltas(idx, q, list(query_ids), qrels, gt_scores, gt_pos, k_eval))
-    return result
 
 
 def _metric_deltas(idx, q, query_ids, qrels, gt_scores, gt_pos, k_eval) -> dict[str, Any]:

@@ -168,18 +168,77 @@ def build_index(
     fingerprint = model_fingerprint or src.model_fingerprint
     t0 = time.perf_counter()
 
-    sample, rows, dim = None, src.rows, src.dim
-    head: list[tuple[Any, np.ndarray]] = []
-    if src.reiterable and (rows is None or dim is None):
-        sample, rows, dim = _sample(src, 50_000, seed, budget)  # the counting pass also samples
-    elif not src.reiterable:  # one-shot stream: look at the first block for the dimension
-        stream = src.blocks()
-        first = next(stream, None)
-        if first is None:
-            raise DataError("no embeddings to index (the source is empty)")
-        head.append(first)
-        dim = np.asarray(first[1]).shape[1]
+    state = _Peek(src, seed, budget)
+    plan = _plan(spec, state.rows, state.dim, budget, fmetric)
+    train_rows = _train(plan, state, src, train_size, seed, budget, metric)
 
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    id_array = _add(plan, state, src, out, chunk_size, metric, progress)
+    meta = {
+        "format": FORMAT,
+        "spec": plan.spec,
+        "metric": metric,
+        "faiss_metric": "l2" if metric == "l2" else "inner_product",
+        "normalize": metric == "cosine",
+        "dim": int(state.dim),
+        "rows": int(plan.index.ntotal),
+        "id_type": str(id_array.type),
+        "model_fingerprint": fingerprint,
+        "auto": plan.auto,
+        "choice_reason": plan.reason,
+        "memory_budget": budget,
+        "train_rows": train_rows,
+        "chunk_size": chunk_size,
+        "seed": seed,
+        "search_params": plan.search_params,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "faiss_version": getattr(faiss, "__version__", "?"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result = EmbeddingIndex(plan.index, id_array, meta, Path(out) if out is not None else None)
+    set_search_params(plan.index, plan.search_params)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+class _Peek:
+    """What is learnt about a source before planning: its rows and dimension (a counting pass
+    over a re-readable source of unknown size, which also samples), or, for a one-shot stream, its
+    first block (kept in `head`, to be indexed with the rest of `stream`)."""
+
+    def __init__(self, src: _Source, seed: int, budget: int) -> None:
+        self.sample: np.ndarray | None = None
+        self.rows, self.dim = src.rows, src.dim
+        self.head: list[tuple[Any, np.ndarray]] = []
+        self.stream: Iterator[tuple[Any, np.ndarray]] | None = None
+        if src.reiterable and (self.rows is None or self.dim is None):
+            self.sample, self.rows, self.dim = _sample(src, 50_000, seed, budget)
+        elif not src.reiterable:  # one-shot stream: look at the first block for the dimension
+            self.stream = src.blocks()
+            first = next(self.stream, None)
+            if first is None:
+                raise DataError("no embeddings to index (the source is empty)")
+            self.head.append(first)
+            self.dim = np.asarray(first[1]).shape[1]
+
+
+@dataclass
+class _Plan:
+    """Step 1's outcome: the empty FAISS index, its factory string, default search parameters,
+    whether it was the auto choice and why."""
+
+    index: Any
+    spec: str
+    reason: str
+    search_params: dict[str, int]
+    auto: bool
+
+
+def _plan(spec: str | None, rows: int | None, dim: int, budget: int, fmetric: int) -> _Plan:
+    """Step 1: the factory string (given, or `choose_index`'s) and an empty index made from it."""
+    faiss = _faiss()
     auto = spec is None or str(spec).strip().lower() in ("", "auto")
     if auto:
         if rows is None:
@@ -202,38 +261,65 @@ def build_index(
         search_params = grid[len(grid) // 2] if grid[0] else {}
         if "efSearch" in search_params:
             search_params = {"efSearch": 64}
+    return _Plan(index, spec, reason, search_params, auto)
 
-    train_rows = 0
-    if not index.is_trained:
-        n_train = train_size or _train_size(index, rows or 10**9, dim, budget)
-        if src.reiterable:
-            if sample is None or (len(sample) < n_train and len(sample) < rows):
-                sample, rows, _ = _sample(src, n_train, seed, budget)
-            x = sample
-            if len(sample) > n_train:  # a random subset of a uniform sample is uniform
-                pick = np.random.default_rng(seed).choice(len(sample), n_train, replace=False)
-                x = sample[np.sort(pick)]
-        else:
-            buffered = sum(len(v) for _, v in head)
-            for block in stream:
-                head.append(block)
-                buffered += len(block[1])
-                if buffered >= n_train:
-                    break
-            x = np.concatenate([np.asarray(v) for _, v in head])[:n_train]
-            log.warning("training %s on the first %d rows of a one-shot stream", spec, len(x))
-        x = _prepare(x, metric)
-        train_rows = len(x)
-        log.info("training %s on %d rows", spec, train_rows)
-        index.train(x)
-        del x
-    sample = None
 
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
+def _train(
+    plan: _Plan,
+    state: _Peek,
+    src: _Source,
+    train_size: int | None,
+    seed: int,
+    budget: int,
+    metric: str,
+) -> int:
+    """Step 2: train an index that needs it on a uniform sample (or a one-shot stream's first
+    rows, buffered in `state.head`); returns the number of training rows (0: none needed)."""
+    index, rows, dim = plan.index, state.rows, state.dim
+    if index.is_trained:
+        state.sample = None
+        return 0
+    n_train = train_size or _train_size(index, rows or 10**9, dim, budget)
+    if src.reiterable:
+        sample = state.sample
+        if sample is None or (len(sample) < n_train and len(sample) < rows):
+            sample, state.rows, _ = _sample(src, n_train, seed, budget)
+        x = sample
+        if len(sample) > n_train:  # a random subset of a uniform sample is uniform
+            pick = np.random.default_rng(seed).choice(len(sample), n_train, replace=False)
+            x = sample[np.sort(pick)]
+    else:
+        buffered = sum(len(v) for _, v in state.head)
+        for block in state.stream:
+            state.head.append(block)
+            buffered += len(block[1])
+            if buffered >= n_train:
+                break
+        x = np.concatenate([np.asarray(v) for _, v in state.head])[:n_train]
+        log.warning("training %s on the first %d rows of a one-shot stream", plan.spec, len(x))
+    x = _prepare(x, metric)
+    train_rows = len(x)
+    log.info("training %s on %d rows", plan.spec, train_rows)
+    index.train(x)
+    state.sample = None
+    return train_rows
+
+
+def _add(
+    plan: _Plan,
+    state: _Peek,
+    src: _Source,
+    out: str | os.PathLike | None,
+    chunk_size: int,
+    metric: str,
+    progress: bool,
+):
+    """Step 3: add every block in chunks at positions 0..n-1 while the ids stream to the Arrow
+    file; returns the ids as an Arrow array."""
+    index, dim = plan.index, state.dim
     writer = IdWriter(None if out is None else Path(out) / IDS_FILE)
-    blocks = _chain(head, stream) if not src.reiterable else src.blocks()
-    bar = _progress(progress, rows, f"adding to {spec}")
+    blocks = _chain(state.head, state.stream) if not src.reiterable else src.blocks()
+    bar = _progress(progress, state.rows, f"adding to {plan.spec}")
     added = 0
     for block_ids, vectors in blocks:
         v = np.asarray(vectors)
@@ -252,33 +338,7 @@ def build_index(
         bar.close()
     if added == 0:
         raise DataError("no embeddings to index (the source is empty)")
-    id_array = writer.close()
-    meta = {
-        "format": FORMAT,
-        "spec": spec,
-        "metric": metric,
-        "faiss_metric": "l2" if metric == "l2" else "inner_product",
-        "normalize": metric == "cosine",
-        "dim": int(dim),
-        "rows": int(index.ntotal),
-        "id_type": str(id_array.type),
-        "model_fingerprint": fingerprint,
-        "auto": auto,
-        "choice_reason": reason,
-        "memory_budget": budget,
-        "train_rows": train_rows,
-        "chunk_size": chunk_size,
-        "seed": seed,
-        "search_params": search_params,
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "faiss_version": getattr(faiss, "__version__", "?"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    result = EmbeddingIndex(index, id_array, meta, Path(out) if out is not None else None)
-    set_search_params(index, search_params)
-    if out is not None:
-        result.save(out)
-    return result
+    return writer.close()
 
 
 def _chain(head: list, stream: Iterator) -> Iterator:
