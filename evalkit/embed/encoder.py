@@ -374,7 +374,15 @@ class StreamingEncoder:
         }
 
     def model_info(self) -> dict[str, Any]:
-        return {"path": self.path, "fingerprint": self.fingerprint, "similarity": self.similarity}
+        """Path, fingerprint and similarity for reports. Without a store, a model whose weights
+        cannot be fingerprinted (see `evalkit.embed.fingerprint`) reports fingerprint None."""
+        try:
+            fingerprint: str | None = self.fingerprint
+        except EvalkitError:
+            if self.store is not None:
+                raise
+            fingerprint = None
+        return {"path": self.path, "fingerprint": fingerprint, "similarity": self.similarity}
 
 
 def iter_encode(

@@ -1,19 +1,27 @@
 """Model fingerprints: what makes an embedding-cache key honest.
 
-A model fingerprint is a digest over everything that changes an embedding:
+A model fingerprint is a digest over everything that changes an embedding beyond float32
+rounding (docs/design.md, "What is in the key"):
 
-1. every parameter and buffer, sorted by name, as exact bytes (with its name, dtype and shape);
-2. the tokenizer (its full serialised state, or its vocabulary/config files) and each module's
-   config (transformer config minus path/version noise, pooling, dense, normalize, ...);
-3. the encode settings: max_seq_length, truncate_dim, normalisation, the prompt text, the output
-   precision and the compute mode (e.g. CUDA autocast fp16).
+1. the weights (`weights_digest`): every `state_dict()` entry plus the non-persistent buffers,
+   sorted by name, as exact bytes with name, dtype and shape; quantized tensors (e.g. the packed
+   params of `quantize_dynamic` Linear layers, which are no parameters) as their integer values,
+   scales and zero points; for a module run by another backend (ONNX / OpenVINO through optimum)
+   the weight files that backend loaded. When nothing can be hashed it raises EvalkitError:
+   keying on configs alone would serve one model's vectors for another;
+2. the tokenizer: its serialised state (vocabulary, normaliser, added tokens, ...) and its live
+   settings (truncation and padding side, model_max_length, lower-casing, special tokens, ...),
+   whether set at load or after; HF's per-call padding/truncation state is left out;
+3. each module's config (transformer config minus path/version noise, pooling, dense, ...);
+4. the encode settings: max_seq_length, truncate_dim, normalisation, the prompt text, the output
+   precision and the compute mode (e.g. CUDA autocast fp16);
+5. the float32 matmul precision flags of the model's device (`numerics`): TF32, matmul precision
+   and reduced-precision reductions on CUDA, oneDNN bf16/tf32 matmuls on CPU.
 
-Hashing MiniLM's 91 MB of weights with BLAKE2b takes ~0.25 s on one CPU core. The weights digest
-is cached per loaded model and reused while a cheap check still matches: each tensor's data
-pointer, autograd version counter (bumped by every in-place update: optimizer steps,
-`load_state_dict`, `copy_` under no_grad), shape, dtype, and a strided sample of its values (which
-also catches whole-tensor edits made through `.data`, which bypass the version counter). Pass
-`refresh=True` to force a full rehash.
+Every call hashes every weight byte with xxh3-128 (~11 GB/s on one core: MiniLM's 91 MB in
+~8 ms), so there is no memoised digest to go stale: an edit through `.data`, which bypasses
+autograd's version counter, is seen like any other. Library versions and the device are recorded
+with the store's entries, not keyed (they change vectors by float32 rounding only).
 
 Data fingerprints (of input files) live in `evalkit.data.fingerprint`.
 """
@@ -22,69 +30,220 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-FINGERPRINT_VERSION = "evalkit-fp-2"
-_SAMPLE = 16  # values sampled per tensor for the cheap staleness check
+from evalkit.errors import EvalkitError
 
-# model -> (cheap check, weights digest); weak so a freed model frees its entry
-_WEIGHTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+FINGERPRINT_VERSION = "evalkit-fp-3"
 # Config keys that record where/how a model was loaded, not what it computes.
 _NOISE_KEYS = {"transformers_version", "name_or_path", "cache_dir", "local_files_only", "token"}
+# Tokenizer attributes that do not change token ids: load location, chat templates, logging, and
+# flags HF flips by itself (on the first call, inside context managers).
+_TOKENIZER_NOISE = _NOISE_KEYS | {
+    "verbose",
+    "chat_template",
+    "response_template",
+    "chat_control_tokens",
+    "backend",
+    "_in_target_context_manager",
+    "_should_update_post_processor",
+    "_processor_class",
+}
+# Files a non-torch backend keeps its weights in (ONNX + external data, OpenVINO IR).
+_BACKEND_SUFFIXES = {".onnx", ".onnx_data", ".data", ".xml", ".bin"}
+_CUDA_ENV = ("NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
 
 
-def _tensors(model: Any) -> list[tuple[str, Any]]:
-    named = dict(model.named_parameters())
-    for name, buf in model.named_buffers():
-        named.setdefault(name, buf)
-    return sorted(named.items())
+def _refuse(why: str) -> EvalkitError:
+    return EvalkitError(
+        f"cannot fingerprint this model's weights ({why}), so the embedding store cannot key "
+        "its vectors; run without the store (--no-cache, or cache=False)"
+    )
+
+
+# --------------------------------------------------------------------------------- weights
 
 
 def _tensor_bytes(t: Any) -> memoryview:
     import torch
 
-    flat = t.detach().reshape(-1).contiguous()
+    flat = t.reshape(-1).contiguous()
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def _cheap_check(tensors: list[tuple[str, Any]]) -> tuple:
+def _hash_tensor(h: Any, name: str, t: Any) -> int:
+    """Hash one tensor (quantized, wrapper-subclass or plain) into `h`; returns tensors hashed."""
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    t = t.detach()
+    if t.device.type == "meta":
+        raise _refuse(f"{name} is on the meta device: its values were never loaded")
+    if is_traceable_wrapper_subclass(t):  # e.g. torchao quantized weights: hash the parts
+        inner, ctx = t.__tensor_flatten__()
+        h.update(f"{name}|{type(t).__qualname__}|{ctx!r}\n".encode())
+        return sum(_hash_tensor(h, f"{name}.{part}", getattr(t, part)) for part in inner) or 1
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            h.update(f"{t.qscheme()}|{t.q_scale()!r}|{t.q_zero_point()}\n".encode())
+        else:
+            h.update(f"{t.qscheme()}|axis {t.q_per_channel_axis()}\n".encode())
+            h.update(_tensor_bytes(t.q_per_channel_scales().double()))
+            h.update(_tensor_bytes(t.q_per_channel_zero_points().long()))
+        t = t.int_repr()
+    elif t.layout != torch.strided:
+        t = t.to_dense()
+    if t.numel():
+        try:
+            h.update(_tensor_bytes(t))
+        except (RuntimeError, TypeError) as exc:
+            raise _refuse(f"{name} ({type(t).__name__}) has no readable bytes: {exc}") from exc
+    return 1
+
+
+def _hash_value(h: Any, name: str, value: Any) -> int:
+    """Hash a state_dict entry: a tensor, a (nested) tuple/list/dict of them (packed params), or
+    a plain value (dtype, number, string); returns the number of tensors hashed."""
     import torch
 
-    parts = []
-    samples = []
-    for name, t in tensors:
-        parts.append((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device)))
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // _SAMPLE)
-            samples.append(flat[::step][:_SAMPLE].to(torch.float64))
-    sample_bytes = b""
-    if samples:
-        sample_bytes = torch.cat([s.cpu() for s in samples]).numpy().tobytes()
-    return tuple(parts), hashlib.blake2b(sample_bytes, digest_size=16).digest()
+    if isinstance(value, torch.Tensor):
+        return _hash_tensor(h, name, value)
+    if isinstance(value, (tuple, list)):
+        h.update(f"{name}|{type(value).__name__}|{len(value)}\n".encode())
+        return sum(_hash_value(h, f"{name}.{i}", v) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        h.update(f"{name}|dict|{len(value)}\n".encode())
+        items = sorted(value.items(), key=lambda kv: str(kv[0]))
+        return sum(_hash_value(h, f"{name}.{k}", v) for k, v in items)
+    h.update(f"{name}|{type(value).__qualname__}|{value!r}\n".encode())
+    return 0
+
+
+def _state_items(model: Any) -> list[tuple[str, Any]]:
+    """`state_dict()` (which unpacks quantized packed params) plus non-persistent buffers."""
+    if not hasattr(model, "state_dict"):
+        return []
+    items = dict(model.state_dict(keep_vars=True))
+    for name, buf in model.named_buffers():
+        items.setdefault(name, buf)
+    return sorted(items.items())
+
+
+def _session_files(session: Any) -> list[Path]:
+    """The weight files behind an optimum ORTModel (`model_path`: the .onnx file) or OVModel
+    (`model_save_dir`: the IR .xml + .bin): the loaded file and every ONNX/IR/data file beside
+    it (external data may have any name; sibling variants only cost hashing time)."""
+    path = getattr(session, "model_path", None)
+    folder = getattr(session, "model_save_dir", None) or getattr(session, "_model_save_dir", None)
+    if isinstance(folder, tempfile.TemporaryDirectory):  # exported on the fly
+        folder = folder.name
+    files = set()
+    if path is not None and Path(path).is_file():
+        files.add(Path(path))
+        folder = Path(path).parent
+    if folder is not None and Path(folder).is_dir():
+        files.update(
+            p for p in Path(folder).iterdir() if p.is_file() and p.suffix in _BACKEND_SUFFIXES
+        )
+    return sorted(files)
+
+
+def _backend_files(model: Any) -> list[tuple[str, Path]]:
+    """(label, file) for every module that runs its weights outside torch (`backend` != torch)."""
+    out = []
+    named = model.named_modules() if hasattr(model, "named_modules") else []
+    for name, module in named:
+        backend = getattr(module, "backend", "torch")
+        if not name or not isinstance(backend, str) or backend == "torch":
+            continue
+        files = _session_files(getattr(module, "model", None))
+        if not files:
+            raise _refuse(f"module {name!r} runs on the {backend} backend and its weight files "
+                          "cannot be found")  # fmt: skip
+        out += [(f"{name}/{p.name}", p) for p in files]
+    return out
 
 
 def weights_digest(model: Any, *, refresh: bool = False) -> str:
-    """BLAKE2b over all parameters and buffers of `model` (sorted by name, exact bytes)."""
-    tensors = _tensors(model)
-    check = _cheap_check(tensors)
-    cached = None if refresh else _WEIGHTS_CACHE.get(model)
-    if cached is not None and cached[0] == check:
-        return cached[1]
-    h = hashlib.blake2b(digest_size=32)
-    for name, t in tensors:
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(_tensor_bytes(t))
-    digest = h.hexdigest()
+    """xxh3-128 over all weights of `model`: state_dict entries and buffers (sorted by name,
+    exact bytes) and the weight files of non-torch backends. Every call reads every byte;
+    `refresh` is accepted for compatibility. Raises EvalkitError when nothing can be hashed."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    hashed = sum(_hash_value(h, name, value) for name, value in _state_items(model))
+    for label, path in _backend_files(model):
+        h.update(f"file|{label}|{path.stat().st_size}\n".encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        hashed += 1
+    if not hashed:
+        raise _refuse(f"{type(model).__name__} has no tensors and no backend weight files")
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------- numerics
+
+
+def _flag(obj: Any, attr: str) -> Any:
     try:
-        _WEIGHTS_CACHE[model] = (check, digest)
-    except TypeError:  # not weak-referenceable: just do not cache
-        pass
-    return digest
+        return getattr(obj, attr, None)
+    except RuntimeError as exc:  # torch refuses to read mixed legacy/new precision settings
+        return f"unreadable ({str(exc)[:40]})"
+
+
+def numerics(device_type: str) -> dict[str, Any]:
+    """The global flags that change float32 matmul numerics on `device_type` beyond rounding.
+
+    CUDA: TF32 in cuBLAS/cuDNN (legacy `allow_tf32` and the `fp32_precision` API),
+    `torch.get_float32_matmul_precision()`, reduced-precision reductions under autocast, and the
+    NVIDIA/torch TF32 override environment variables. CPU: oneDNN's bf16/tf32 matmul modes (set by
+    `set_float32_matmul_precision` too). Other devices: the matmul precision."""
+    import torch
+
+    try:
+        precision: Any = torch.get_float32_matmul_precision()
+    except RuntimeError:  # mixed legacy/new settings: the per-backend flags below still tell
+        precision = "mixed"
+    out: dict[str, Any] = {"float32_matmul_precision": precision}
+    b = torch.backends
+    if device_type == "cuda":
+        for attr in (
+            "allow_tf32",
+            "fp32_precision",
+            "allow_fp16_reduced_precision_reduction",
+            "allow_bf16_reduced_precision_reduction",
+            "allow_fp16_accumulation",
+        ):
+            out[f"cuda.matmul.{attr}"] = _flag(b.cuda.matmul, attr)
+        out["cudnn.allow_tf32"] = _flag(b.cudnn, "allow_tf32")
+        for part in ("conv", "rnn"):
+            out[f"cudnn.{part}.fp32_precision"] = _flag(
+                getattr(b.cudnn, part, None), "fp32_precision"
+            )
+        out["env"] = {k: os.environ.get(k) for k in _CUDA_ENV}
+    elif device_type == "cpu":
+        out["mkldnn.fp32_precision"] = _flag(b.mkldnn, "fp32_precision")
+        for part in ("matmul", "conv", "rnn"):
+            out[f"mkldnn.{part}.fp32_precision"] = _flag(
+                getattr(b.mkldnn, part, None), "fp32_precision"
+            )
+    return out
+
+
+def _device_type(model: Any) -> str:
+    device = getattr(model, "device", None)
+    return str(getattr(device, "type", None) or device or "cpu").split(":")[0]
+
+
+# ----------------------------------------------------------------------- tokenizer, configs
 
 
 def _clean(obj: Any) -> Any:
@@ -102,8 +261,21 @@ def _clean(obj: Any) -> Any:
     return repr(obj) if not hasattr(obj, "to_dict") else _clean(obj.to_dict())
 
 
+def _live_settings(obj: Any) -> dict[str, Any]:
+    """The scalar attributes set on a tokenizer object, at load or after (truncation_side,
+    padding_side, model_max_length, do_lower_case, add_bos/eos flags, ...), minus noise."""
+    if obj is None or not hasattr(obj, "__dict__"):
+        return {}
+    return {
+        k: v
+        for k, v in sorted(vars(obj).items())
+        if isinstance(v, (str, int, float, bool, type(None))) and k not in _TOKENIZER_NOISE
+    }
+
+
 def _tokenizer_state(tokenizer: Any) -> str:
-    """The tokenizer's full behaviour: its serialised state (vocab, normaliser, ...) and settings."""
+    """The tokenizer's full behaviour: its serialised state (vocab, normaliser, added tokens,
+    post-processor, ...) and its live settings and special tokens."""
     if tokenizer is None:
         return "none"
     h = hashlib.blake2b(digest_size=32)
@@ -112,15 +284,21 @@ def _tokenizer_state(tokenizer: Any) -> str:
     if backend is not None:
         # Drop the per-call padding/truncation state: HF switches it on the first encode call
         # (saved "Fixed" padding -> "BatchLongest"), it does not change embeddings (attention
-        # masks hide padding), and the truncation length is hashed as max_seq_length.
+        # masks hide padding), and the truncation length and side are hashed as live settings.
         state = json.loads(backend.to_str())
         state.pop("padding", None)
         state.pop("truncation", None)
         h.update(json.dumps(state, sort_keys=True).encode())
     elif hasattr(tokenizer, "get_vocab"):
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    init = getattr(tokenizer, "init_kwargs", {}) or {}
-    h.update(json.dumps(_clean(dict(init)), sort_keys=True, default=repr).encode())
+    live = {
+        "settings": _live_settings(tokenizer),
+        "basic": _live_settings(getattr(tokenizer, "basic_tokenizer", None)),  # python tokenizers
+        "special": _clean(getattr(tokenizer, "special_tokens_map", None)),
+        "all_special": _clean(getattr(tokenizer, "all_special_tokens", None)),
+        "init": _clean(dict(getattr(tokenizer, "init_kwargs", {}) or {})),
+    }
+    h.update(json.dumps(live, sort_keys=True, default=repr).encode())
     return h.hexdigest()
 
 
@@ -137,7 +315,7 @@ def _module_configs(model: Any) -> list:
         auto = getattr(module, "auto_model", None)
         if auto is not None and hasattr(auto, "config"):
             entry["model_config"] = _clean(auto.config.to_dict())
-        for attr in ("max_seq_length", "do_lower_case"):
+        for attr in ("max_seq_length", "do_lower_case", "backend"):
             if hasattr(module, attr):
                 entry[attr] = _clean(getattr(module, attr))
         configs.append(entry)
@@ -158,13 +336,14 @@ def model_fingerprint(
 
     `prompt` is the prompt text prepended to every input, `precision` the stored output dtype,
     `normalize` whether encode() L2-normalises, `truncate_dim` (default: the model's), and
-    `compute` a non-default compute mode (e.g. "autocast-float16" on CUDA). The weights digest is
-    cached per model (see the module docstring); `refresh=True` rehashes the weights.
+    `compute` a non-default compute mode (e.g. "autocast-float16" on CUDA). Every call hashes
+    all weights (`refresh` is accepted for compatibility). Raises EvalkitError for a model whose
+    weights cannot be hashed (see `weights_digest`).
     """
     state = {
         "version": FINGERPRINT_VERSION,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "weights": weights_digest(model, refresh=refresh),
+        "weights": weights_digest(model),
         "tokenizer": _tokenizer_state(getattr(model, "tokenizer", None)),
         "modules": _module_configs(model),
         "max_seq_length": getattr(model, "max_seq_length", None),
@@ -175,6 +354,7 @@ def model_fingerprint(
         "prompt": prompt or "",
         "precision": str(precision),
         "compute": compute or "default",
+        "numerics": numerics(_device_type(model)),
     }
     blob = json.dumps(state, sort_keys=True, default=repr).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
