@@ -54,6 +54,7 @@ _TOKENIZER_NOISE = _NOISE_KEYS | {
 }
 # Files a non-torch backend keeps its weights in (ONNX + external data, OpenVINO IR).
 _BACKEND_SUFFIXES = {".onnx", ".onnx_data", ".data", ".xml", ".bin"}
+_BACKEND_STATES: dict[bytes, str] = {}  # xxh3-128 of a serialised tokenizer -> its state digest
 _CUDA_ENV = ("NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
 
 
@@ -273,6 +274,27 @@ def _live_settings(obj: Any) -> dict[str, Any]:
     }
 
 
+def _backend_state(raw: str) -> str:
+    """Digest of a `tokenizers` backend's serialised state without its per-call padding and
+    truncation: HF switches them on the first encode call (saved "Fixed" padding ->
+    "BatchLongest"); they do not change embeddings (attention masks hide padding) and the
+    truncation length and side are hashed as live settings. Parsing MiniLM's 700 KB state costs
+    ~50 ms, so results are kept per exact `raw` text (a content key: it cannot go stale)."""
+    import xxhash
+
+    key = xxhash.xxh3_128_digest(raw.encode())
+    if key not in _BACKEND_STATES:
+        state = json.loads(raw)
+        state.pop("padding", None)
+        state.pop("truncation", None)
+        if len(_BACKEND_STATES) >= 16:
+            _BACKEND_STATES.clear()
+        _BACKEND_STATES[key] = hashlib.blake2b(
+            json.dumps(state).encode(), digest_size=32
+        ).hexdigest()
+    return _BACKEND_STATES[key]
+
+
 def _tokenizer_state(tokenizer: Any) -> str:
     """The tokenizer's full behaviour: its serialised state (vocab, normaliser, added tokens,
     post-processor, ...) and its live settings and special tokens."""
@@ -282,13 +304,7 @@ def _tokenizer_state(tokenizer: Any) -> str:
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # Drop the per-call padding/truncation state: HF switches it on the first encode call
-        # (saved "Fixed" padding -> "BatchLongest"), it does not change embeddings (attention
-        # masks hide padding), and the truncation length and side are hashed as live settings.
-        state = json.loads(backend.to_str())
-        state.pop("padding", None)
-        state.pop("truncation", None)
-        h.update(json.dumps(state, sort_keys=True).encode())
+        h.update(_backend_state(backend.to_str()).encode())
     elif hasattr(tokenizer, "get_vocab"):
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     live = {
