@@ -124,4 +124,9 @@ def summary(manifest: dict) -> str:
         f"{run['written_shards']} shards written, {run['skipped_shards']} already done, {run['seconds']:.1f} s",
         f"model fingerprint {manifest['model_fingerprint']}",
     ]
+    if run.get("reencoded_shards"):
+        lines.append(
+            f"re-encoded {len(run['reencoded_shards'])} finished shards whose input rows changed "
+            f"since they were written: {', '.join(run['reencoded_shards'])}"
+        )
     return "\n".join(lines)

@@ -7,7 +7,10 @@ A precompute output folder holds `embeddings-<start>-<end>.arrow` shards (Arrow 
 1) `plan_shards` (pure) cuts a job's rows at global multiples of `rows_per_shard`, so shard
    files have the same names however the job is split;
 2) `load_manifest` reads and merges the manifests of the jobs that wrote into one folder;
-3) `iter_embeddings` memory-maps the shards in row order and yields (ids, vectors) blocks.
+3) `iter_embeddings` memory-maps the shards in row order and yields (ids, vectors) blocks;
+4) `RowDigest` is the content digest of a shard's input rows (texts and ids as read), recorded
+   in its manifest entry (`input_xxh128`) so a resumed job can tell a finished shard from one
+   whose input changed since.
 
 The writer is the precompute job (`evalkit.jobs.precompute`); index building, ANN checks and
 evaluation read through this module only.
@@ -31,6 +34,57 @@ FORMAT = "evalkit.embeddings/1"
 ID_COLUMN, VECTOR_COLUMN = "id", "embedding"
 DEFAULT_ROWS_PER_SHARD = 100_000
 _SHARD_GLOB = "embeddings-*.arrow"
+
+
+class RowDigest:
+    """xxh3-128 over the rows of one or more Arrow columns, fed piece by piece: for each column,
+    every value's length (-1 for null) and bytes, plus the column types seen. Independent of how
+    the rows are cut into pieces.
+
+    Strings and binaries are hashed as their raw bytes, other types (integer ids, ...) as their
+    Arrow string cast. Lengths and bytes are hashed as two streams side by side, so the digest
+    depends only on the values: rows "ab","c" and "a","bc" differ by their lengths."""
+
+    def __init__(self) -> None:
+        self._streams: list[tuple[Any, Any, set[str]]] = []
+
+    def update(self, *columns: Any) -> None:
+        """Add the next rows: one Arrow (chunked) array per column, the same columns each call."""
+        import xxhash
+
+        while len(self._streams) < len(columns):
+            self._streams.append((xxhash.xxh3_128(), xxhash.xxh3_128(), set()))
+        for column, stream in zip(columns, self._streams, strict=False):
+            self._update(column, *stream)
+
+    @staticmethod
+    def _update(column: Any, lengths_h: Any, bytes_h: Any, types: set[str]) -> None:
+        import pyarrow as pa
+
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        for arr in chunks:
+            types.add(str(arr.type))
+            if not len(arr):
+                continue
+            stringy = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+            binary = stringy or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)
+            arr = arr.cast(pa.large_binary() if binary else pa.large_string())
+            offsets = np.frombuffer(arr.buffers()[1], dtype="<i8")[arr.offset :][: len(arr) + 1]
+            lengths = np.diff(offsets)
+            if arr.null_count:
+                lengths[arr.is_null().to_numpy(zero_copy_only=False)] = -1
+            lengths_h.update(lengths.astype("<i8").tobytes())
+            if offsets[-1] > offsets[0]:
+                bytes_h.update(memoryview(arr.buffers()[2])[offsets[0] : offsets[-1]])
+
+    def hexdigest(self) -> str:
+        import xxhash
+
+        h = xxhash.xxh3_128(f"{len(self._streams)} columns\n".encode())
+        for lengths_h, bytes_h, types in self._streams:
+            h.update(lengths_h.digest() + bytes_h.digest())
+            h.update(("|".join(sorted(types)) + "\n").encode())
+        return h.hexdigest()
 
 
 def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:

@@ -5,13 +5,17 @@
    of `rows_per_shard`, so shard files have the same names however the job is split.
 2. Refuse an output directory made with another model fingerprint, dtype, input, column or
    shard size (FingerprintMismatchError / StoreError) unless `overwrite=True`.
-3. Verify shards the manifest lists as done (size + BLAKE2b) and skip them.
+3. Verify shards the manifest lists as done: the file (size + BLAKE2b), then, in one read pass
+   over their rows, the input (`shards.RowDigest` of texts and ids as read, recorded as
+   `input_xxh128`). A shard whose input changed since (e.g. a same-size edit the sampled input
+   fingerprint cannot see) is re-encoded, with a warning; the others are skipped.
 4. Stream the input (evalkit.data.readers.iter_batches, only the text and id columns) through one
    StreamingEncoder; write each shard to a temp file in DIR as windows arrive
    (`id`, `embedding`: fixed_size_list<float32|float16>[dim]), fsync, `os.replace` into place, then
-   rewrite the manifest the same way. A kill -9 loses at most the shard in progress, and its
-   windows already in the store come back as cache hits on the next run (byte-identical: whether a
-   text hits depends only on the texts before it).
+   rewrite the manifest the same way. The encoder's window (its unit of store writes) is at most a
+   quarter of a shard, so a kill -9 loses at most the shard file in progress, and its windows
+   already in the store come back as cache hits on the next run, even before the first shard is
+   done (byte-identical: whether a text hits depends only on the texts before it).
 
 One manifest per job: `manifest.json` for 1/1, `manifest-IIIII-of-NNNNN.json` for `--shard I/N`,
 so N jobs can share one DIR; `load_manifest` merges them.
@@ -20,6 +24,7 @@ so N jobs can share one DIR; `load_manifest` merges them.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -34,6 +39,7 @@ from evalkit.embed.shards import (
     FORMAT,
     ID_COLUMN,
     VECTOR_COLUMN,
+    RowDigest,
     _atomic_write_json,
     _file_digest,
     _manifest_name,
@@ -44,6 +50,9 @@ from evalkit.embed.shards import (
     shard_name,
 )
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
+
+logger = logging.getLogger(__name__)
+_WINDOWS_PER_SHARD = 4  # store writes per shard at least: a kill loses at most a quarter shard
 
 
 class _RowReader:
@@ -113,7 +122,7 @@ def run_precompute(
 
     shard = parse_shard(shard)
     _check_args(dtype, batch_size, rows_per_shard)
-    window = window or min(DEFAULT_WINDOW, rows_per_shard)
+    window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EvalkitError(f"--out {out} is a file; give a directory")
@@ -134,13 +143,15 @@ def run_precompute(
         manifest.setdefault("runs", []).append(
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
         )
-        done = _verified(out, manifest, plan)
-        manifest["shards"] = [done[r] for r in plan if r in done]
+        columns = [column] + ([id_column] if id_column and id_column != column else [])
+
+        def batches():
+            return arrow.iter_batches(data, columns=columns, **source_options)
+
+        done, changed = _resumable(out, manifest, plan, batches, column, id_column)
         todo = [r for r in plan if r not in done]
         if todo:
-            columns = [column] + ([id_column] if id_column and id_column != column else [])
-            batches = arrow.iter_batches(data, columns=columns, **source_options)
-            _encode_shards(out, manifest, encoder, batches, todo, (column, id_column, dtype),
+            _encode_shards(out, manifest, encoder, batches(), todo, (column, id_column, dtype),
                            (shard, plan), stats, progress)  # fmt: skip
         encoder.close()
         manifest = _save(out, manifest, shard, plan, stats)
@@ -153,6 +164,7 @@ def run_precompute(
         "duplicates": stats.duplicates,
         "skipped_shards": len(done),
         "written_shards": len(todo),
+        "reencoded_shards": [changed[r] for r in plan if r in changed],
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     return manifest
@@ -270,6 +282,45 @@ def _verified(out: Path, manifest: dict, plan: list[tuple[int, int]]) -> dict:
     return done
 
 
+def _resumable(out: Path, manifest: dict, plan: list, batches: Any, column, id_column) -> tuple:
+    """(done, changed): the shards to keep (file and input verified, now the manifest's list)
+    and {(start, end): file} of those re-encoded because their input changed."""
+    done = _verified(out, manifest, plan)
+    changed = _changed_inputs(done, batches, column, id_column)
+    done = {r: e for r, e in done.items() if r not in changed}
+    manifest["shards"] = [done[r] for r in plan if r in done]
+    return done, changed
+
+
+def _changed_inputs(done: dict, batches: Any, column: str, id_column: str | None) -> dict:
+    """{(start, end): file} of the done shards whose input rows no longer match the digest
+    recorded when they were written (one read pass over those rows; none if nothing is done)."""
+    changed: dict = {}
+    if not done:
+        return changed
+    reader = _RowReader(batches())
+    for a, b in sorted(done):
+        reader.skip_to(a)
+        digest = RowDigest()
+        for piece in reader.take(b - a):
+            digest.update(*_digest_columns(piece, column, id_column))
+        entry = done[(a, b)]
+        if digest.hexdigest() != entry.get("input_xxh128"):
+            logger.warning(
+                "input rows %d..%d changed since %s was written; re-encoding it",
+                a,
+                b,
+                entry["file"],
+            )
+            changed[(a, b)] = entry["file"]
+    return changed
+
+
+def _digest_columns(piece: Any, column: str, id_column: str | None) -> list:
+    """The columns a shard's input digest covers: the texts, and the ids when they are read."""
+    return [piece.column(column)] + ([piece.column(id_column)] if id_column else [])
+
+
 def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
     runs = manifest.setdefault("runs", [])
     runs[-1].update(rows=stats.rows, hits=stats.hits, misses=stats.misses)
@@ -291,10 +342,12 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
     np_dtype = np.float16 if dtype == "float16" else np.float32
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     ids: collections.deque = collections.deque()
+    digest = RowDigest()
 
     def texts() -> Iterator[Any]:
         row = a
         for piece in reader.take(b - a):
+            digest.update(*_digest_columns(piece, column, id_column))
             ids.append(
                 piece.column(id_column)
                 if id_column
@@ -338,6 +391,7 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
         "rows": b - a,
         "bytes": final.stat().st_size,
         "blake2b": _file_digest(final),
+        "input_xxh128": digest.hexdigest(),
     }
 
 
