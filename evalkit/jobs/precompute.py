@@ -245,6 +245,7 @@ def _prepare(
                     "use another --out or pass --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out, _manifest_name(shard))  # a manifest write torn by a kill
     mine = out / _manifest_name(shard)
     if mine.exists():
         return _read_json(mine)
@@ -396,7 +397,8 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
 
 
 def _remove_stale_temps(out: Path, name: str) -> None:
-    """Temp files of this shard left by a killed process (whose pid is gone) are removed."""
+    """Temp files of this shard (or manifest) left by a killed process (whose pid is gone) are
+    removed."""
     for tmp in out.glob(f".{name}.tmp-*"):
         try:
             os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)

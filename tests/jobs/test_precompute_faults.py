@@ -7,14 +7,20 @@ with an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evalkit.cli.encode import summary
 from evalkit.data.fingerprint import _BLOCK, _N_BLOCKS, data_fingerprint
-from evalkit.embed.shards import iter_embeddings
+from evalkit.embed.shards import iter_embeddings, load_manifest
 from evalkit.jobs.precompute import run_precompute
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +115,193 @@ def test_edited_ids_are_reencoded_too(tiny_model, tmp_path):
     assert ids[row] == f"x{row}"
     assert again["last_run"]["reencoded_shards"] == [again["shards"][row // 150]["file"]]
     assert again["last_run"]["misses"] == 0  # same texts: all from the store
+
+
+# ------------------------------------------------------------------ kill -9 in every phase
+
+RUNNER = """
+import json
+import os
+import signal
+import sys
+import time
+
+from sentence_transformers import SentenceTransformer
+
+import evalkit.jobs.precompute as job
+from evalkit.embed.store import EmbeddingStore
+
+_encode, _put = SentenceTransformer.encode, EmbeddingStore.put_many
+
+
+def paced_encode(self, *args, **kwargs):  # ~0.1 s per window: a kill lands mid-job on any machine
+    time.sleep(0.1)
+    return _encode(self, *args, **kwargs)
+
+
+def logged_put(self, keys, vectors, **kwargs):  # tell the test how many vectors reached the store
+    n = _put(self, keys, vectors, **kwargs)
+    with open(os.environ["PROGRESS"], "a") as fh:
+        fh.write(f"{len(keys)}\\n")
+    return n
+
+
+def die_on_call(fn, n, before=None):
+    calls = [0]
+
+    def wrapped(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            if before is not None:
+                before(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args)
+
+    return wrapped
+
+
+def torn_manifest(path, obj):  # half a manifest in the temp file, then death
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj)[:200])
+
+
+SentenceTransformer.encode = paced_encode
+EmbeddingStore.put_many = logged_put
+kill = os.environ.get("KILL_AT", "")
+if kill == "manifest-write":  # while the manifest after shard 2 is being written
+    job._atomic_write_json = die_on_call(job._atomic_write_json, 2, before=torn_manifest)
+elif kill == "before-manifest":  # shard 2 is in place, the manifest does not list it yet
+    job._save = die_on_call(job._save, 2)
+data, out, cache, model = sys.argv[1:5]
+job.run_precompute(data, column="text", id_column="gid", out=out, model=model, cache=cache,
+                   batch_size=16, rows_per_shard=200, progress=False)
+"""
+KILL_ROWS, KILL_SHARD = 600, 200
+
+
+def _job(tmp_path: Path, corpus: Path, out: Path, cache: Path, model_dir, kill: str = ""):
+    script = tmp_path / "job.py"
+    script.write_text(RUNNER)
+    progress = out.with_name(out.name + ".progress")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PROGRESS=str(progress), KILL_AT=kill)  # fmt: skip
+    args = [sys.executable, str(script), str(corpus), str(out), str(cache), str(model_dir)]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return proc, progress
+
+
+def _stored(progress: Path) -> int:
+    try:
+        return sum(int(x) for x in progress.read_text().split())
+    except (OSError, ValueError):
+        return 0
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every shard file and the manifest's shard list (what must be byte-identical)."""
+    files = {p.name: p.read_bytes() for p in sorted(out.glob("embeddings-*.arrow"))}
+    shards = [
+        {k: s[k] for k in ("file", "start", "end", "bytes", "blake2b", "input_xxh128")}
+        for s in load_manifest(out)["shards"]
+    ]
+    return {**files, "manifest shards": json.dumps(shards).encode()}
+
+
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("kill") / "corpus.jsonl"
+    _write_corpus(path, rows=KILL_ROWS, pad=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(kill_corpus, tiny_model_dir, tmp_path_factory) -> dict[str, bytes]:
+    """The uninterrupted run, in a subprocess with the same settings as the killed ones."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc, _ = _job(tmp, kill_corpus, tmp / "out", tmp / "cache", tiny_model_dir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return _outputs(tmp / "out")
+
+
+def _kill_when(proc, ready, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the job ended before {what}: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference) -> dict:
+    proc, _ = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert _outputs(out) == reference
+    assert not list(out.glob(".*tmp*"))  # no temp file (shard or manifest) left behind
+    return load_manifest(out)
+
+
+@pytest.mark.slow
+def test_kill_before_the_first_shard_keeps_finished_windows(
+    kill_corpus, tiny_model_dir, reference, tmp_path
+):
+    """Guards against: a job killed before its first shard completes lost all its work, because
+    its one store write per shard (window = shard) had not happened yet; the rerun re-encoded
+    everything. Now finished windows are in the store and come back as hits, byte-identical."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    first = out / "embeddings-000000000000-000000000200.arrow"
+    proc, progress = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir)
+    _kill_when(proc, lambda: _stored(progress) > 0 or first.exists(), "a store write")
+    stored = _stored(progress)
+    assert not first.exists() and 0 < stored < KILL_SHARD  # part of shard 1 is in the store
+    resumed = _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference)
+    assert resumed["runs"][-1]["hits"] >= stored
+
+
+@pytest.mark.slow
+def test_kill_mid_shard(kill_corpus, tiny_model_dir, reference, tmp_path):
+    """Guards against: a kill inside shard 2 (its temp file half written, some windows in the
+    store) leaving a torn shard that is kept, or a resumed output that differs in any byte."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    first = out / "embeddings-000000000000-000000000200.arrow"
+    proc, progress = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir)
+    _kill_when(proc, lambda: first.exists() and _stored(progress) > KILL_SHARD, "shard 2")
+    assert len(load_manifest(out)["shards"]) == 1
+    resumed = _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference)
+    assert resumed["runs"][-1]["rows"] == KILL_ROWS - KILL_SHARD  # shard 1 was verified, kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["manifest-write", "before-manifest"])
+def test_kill_around_the_manifest_write(kill_corpus, tiny_model_dir, reference, tmp_path, phase):
+    """Guards against: a kill while the manifest is rewritten (a torn temp manifest) or between
+    a shard's rename and the manifest update (a shard file the manifest does not list) giving a
+    resumed output that differs from an uninterrupted run, or leaving temp files behind."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc, _ = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir, kill=phase)
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "embeddings-000000000200-000000000400.arrow").exists()
+    assert len(load_manifest(out)["shards"]) == 1  # the manifest as it was after shard 1
+    if phase == "manifest-write":
+        assert list(out.glob(".manifest.json.tmp-*"))  # the torn temp is there
+    resumed = _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference)
+    assert resumed["runs"][-1]["misses"] == 200  # shard 2 came back from the store
+
+
+@pytest.mark.slow
+def test_two_jobs_writing_one_store_at_once(kill_corpus, tiny_model_dir, reference, tmp_path):
+    """Guards against: two jobs encoding into one store at the same time serving each other torn
+    or mismatched vectors; both outputs must equal the uninterrupted single run byte for byte."""
+    cache = tmp_path / "cache"
+    jobs = [
+        _job(tmp_path, kill_corpus, tmp_path / f"out{i}", cache, tiny_model_dir)[0] for i in (0, 1)
+    ]
+    for proc in jobs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    assert _outputs(tmp_path / "out0") == reference
+    assert _outputs(tmp_path / "out1") == reference
