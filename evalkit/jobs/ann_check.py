@@ -5,14 +5,16 @@
 2) corpus embeddings: a precompute output directory is streamed as it is; a corpus file is
    encoded once through the embedding store into a memory-mapped scratch .npy (out of core,
    re-read by every later pass without encoding again);
-3) queries: encoded with the same model (its fingerprint must match the embeddings'), or
-   `n_queries` corpus rows sampled and held out;
+3) queries: encoded with the same model and, for a precompute directory, the settings its
+   embeddings were made with (dtype, prompt, normalisation, truncation: the fingerprints must
+   then match exactly), or `n_queries` corpus rows sampled and held out;
 4) `evalkit.search.ann.check_index` does the comparison; `write_ann_report` writes OUT/ann.json,
    OUT/summary.md and OUT/recall_qps.png (matplotlib Agg, imported only then).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -98,22 +100,26 @@ def ann_check(
     judged, qids, qtexts = _read_queries(queries, qrels)
     encoder, fingerprint = None, None
     if corpus is not None or queries is not None:
-        encoder, fingerprint = _make_encoder(model, cache, device, batch_size)
+        encoder = _make_encoder(model, cache, device, batch_size, embeddings)
+        fingerprint = encoder.fingerprint
 
-    with tempfile.TemporaryDirectory(
-        prefix="evalkit-ann-", dir=out if out and Path(out).is_dir() else None
-    ) as scratch:
+    with (
+        tempfile.TemporaryDirectory(
+            prefix="evalkit-ann-", dir=out if out and Path(out).is_dir() else None
+        ) as scratch,
+        encoder or contextlib.nullcontext(),
+    ):
         if embeddings is not None:
             blocks, n_rows, fingerprint = _embedding_blocks(embeddings, fingerprint, force)
         else:
             blocks, n_rows = _encoded_blocks(
-                corpus, encoder, Path(scratch), corpus_block, progress, **source_options
+                corpus, encoder.encode, Path(scratch), corpus_block, progress, **source_options
             )
         holdout, sample_ids = None, None
         if queries is None:
             holdout, q_emb, sample_ids = _sample_queries(blocks, n_rows, n_queries, seed)
         else:
-            q_emb = encoder(qtexts)
+            q_emb = encoder.encode(qtexts)
         result = check_index(
             blocks,
             q_emb,
@@ -170,25 +176,31 @@ def _read_queries(queries, qrels) -> tuple[dict | None, list | None, list | None
     return judged, qids, qtexts
 
 
-def _make_encoder(model: Any, cache: Any, device: str, batch_size: int):
-    """(texts -> float32 vectors through the store, the model's fingerprint)."""
-    from evalkit.embed.encoder import encode_texts
-    from evalkit.embed.fingerprint import model_fingerprint
+def _make_encoder(model: Any, cache: Any, device: str, batch_size: int, embeddings: Any = None):
+    """The StreamingEncoder (texts -> float32 vectors through the store), and so the fingerprint
+    of the settings actually used: those the precompute directory `embeddings` was made with
+    (its manifest's dtype, prompt, normalisation, truncation) when given, else the defaults."""
+    from evalkit.embed.encoder import StreamingEncoder
     from evalkit.embed.models import load_model
+    from evalkit.embed.shards import load_manifest
 
     st_model = (
         load_model(model, device=device)
         if model is None or isinstance(model, str | os.PathLike)
         else model
     )
-    store = None if cache is False else _open_store(cache)
-    fingerprint = model_fingerprint(st_model)  # before encoding, as the encoder computes it
-
-    def encoder(texts):
-        res = encode_texts(list(texts), st_model, store=store, batch_size=batch_size, device=device)
-        return np.asarray(res.embeddings, dtype=np.float32)
-
-    return encoder, fingerprint
+    made = load_manifest(embeddings) if embeddings is not None else {}
+    dtype = made.get("dtype") or "float32"
+    return StreamingEncoder(
+        st_model,
+        store=None if cache is False else _open_store(cache, dtype),
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        prompt=made.get("prompt"),
+        normalize=bool(made.get("normalize")),
+        truncate_dim=made.get("truncate_dim"),
+    )
 
 
 def _embedding_blocks(embeddings, fingerprint: str | None, force: bool):
@@ -235,12 +247,12 @@ def _sample_queries(blocks: Blocks, n_rows: int, n_queries: int, seed: int):
     return holdout, q_emb, sample_ids
 
 
-def _open_store(cache: Any):
+def _open_store(cache: Any, dtype: str = "float32"):
     from evalkit.embed.store import EmbeddingStore, default_cache_dir
 
-    return (
-        cache if isinstance(cache, EmbeddingStore) else EmbeddingStore(cache or default_cache_dir())
-    )
+    if isinstance(cache, EmbeddingStore):
+        return cache
+    return EmbeddingStore(cache or default_cache_dir(), dtype=dtype)
 
 
 def _gather(blocks: Blocks, rows: np.ndarray) -> tuple[np.ndarray, list[Any]]:
@@ -384,11 +396,13 @@ def build_corpus_index(
     scratch file, then build and save the index (ids = the corpus ids, fingerprint = the model's)."""
     import tempfile
 
-    encoder, fingerprint = _make_encoder(model, cache, device, batch_size)
     Path(out).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".evalkit-index-", dir=out) as scratch:
+    with (
+        _make_encoder(model, cache, device, batch_size) as encoder,
+        tempfile.TemporaryDirectory(prefix=".evalkit-index-", dir=out) as scratch,
+    ):
         ids, mm = _memmap_corpus(
-            corpus, encoder, Path(scratch), corpus_block, progress, **source_options
+            corpus, encoder.encode, Path(scratch), corpus_block, progress, **source_options
         )
         return build_index(
             mm,
@@ -396,7 +410,7 @@ def build_corpus_index(
             spec=spec,
             metric=metric,
             memory_budget=memory_budget,
-            model_fingerprint=fingerprint,
+            model_fingerprint=encoder.fingerprint,  # the one its vectors are keyed by
             out=out,
             progress=progress,
         )
