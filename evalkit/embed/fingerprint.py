@@ -77,15 +77,22 @@ def _tensor_bytes(t: Any) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _wrapper_subclass(t: Any) -> bool:
+    try:
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    except ImportError:  # older torch: no wrapper subclasses to flatten
+        return False
+    return is_traceable_wrapper_subclass(t)
+
+
 def _hash_tensor(h: Any, name: str, t: Any) -> int:
     """Hash one tensor (quantized, wrapper-subclass or plain) into `h`; returns tensors hashed."""
     import torch
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     t = t.detach()
     if t.device.type == "meta":
         raise _refuse(f"{name} is on the meta device: its values were never loaded")
-    if is_traceable_wrapper_subclass(t):  # e.g. torchao quantized weights: hash the parts
+    if _wrapper_subclass(t):  # e.g. torchao quantized weights: hash the parts
         inner, ctx = t.__tensor_flatten__()
         h.update(f"{name}|{type(t).__qualname__}|{ctx!r}\n".encode())
         return sum(_hash_tensor(h, f"{name}.{part}", getattr(t, part)) for part in inner) or 1

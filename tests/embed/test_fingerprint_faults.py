@@ -73,12 +73,16 @@ def test_load_state_dict_of_other_weights(model, tmp_path):
     _assert_fresh(model, store)
 
 
-def _quantized(model):
+def _quantized(model, per_channel: bool):
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with torch.no_grad():
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig})
 
 
-def test_dynamically_quantized_weights_are_hashed(model, tmp_path):
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+def test_dynamically_quantized_weights_are_hashed(model, tmp_path, per_channel):
     """Guards against: quantize_dynamic moves Linear weights into packed params, which are not
     parameters or buffers; two quantized models that differ only there had one fingerprint, so
     the store served one model's vectors for the other."""
@@ -86,7 +90,7 @@ def test_dynamically_quantized_weights_are_hashed(model, tmp_path):
     with torch.no_grad():
         for layer in other[0].auto_model.encoder.layer:
             layer.attention.self.query.weight.mul_(-1.0)
-    qa, qb = _quantized(model), _quantized(other)
+    qa, qb = _quantized(model, per_channel), _quantized(other, per_channel)
     assert not np.allclose(qa.encode(TEXTS), qb.encode(TEXTS), atol=1e-4)  # really other vectors
     assert model_fingerprint(qa) != model_fingerprint(qb)
     store = tmp_path / "store"
