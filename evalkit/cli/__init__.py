@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except EvalkitError as exc:
         print(f"evalkit {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permissions changed mid-run, ...: one line, not a traceback
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"evalkit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"evalkit {args.command}: interrupted", file=sys.stderr)
         return 130

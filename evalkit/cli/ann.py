@@ -161,11 +161,9 @@ def _run(args: argparse.Namespace) -> int:
         **source_options(args),
     )
     if args.json:
-        import json
+        from evalkit._io import dumps_json
 
-        from evalkit._io import jsonable
-
-        print(json.dumps(jsonable(result), indent=2))
+        print(dumps_json(result))
     else:
         print(format_ann_summary(result))
     if result["passed"] is False:

@@ -6,7 +6,6 @@ Importing this module is cheap: pyarrow loads only when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from evalkit.cli._common import add_source_args, positive_int, source_options
@@ -110,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         **source_options(args),
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        from evalkit._io import dumps_json
+
+        print(dumps_json(result.to_dict()))
     else:
         rate = f"{result.rows_per_second:,.0f} rows/s" if result.seconds > 0 else "instant"
         print(

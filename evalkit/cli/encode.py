@@ -5,7 +5,6 @@ sentence-transformers load only when the command runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from evalkit.cli._common import (
@@ -105,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
         **source_options(args),
     )
     if args.json:
-        json.dump(manifest, sys.stdout, indent=1)
-        print()
+        from evalkit._io import dumps_json
+
+        print(dumps_json(manifest, indent=1))
     print(summary(manifest), file=sys.stderr)
     return 0
 

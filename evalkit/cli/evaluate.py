@@ -177,11 +177,9 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
 
 def _print(result: dict, args: argparse.Namespace) -> None:
     if args.json:
-        import json
+        from evalkit._io import dumps_json
 
-        from evalkit._io import jsonable
-
-        print(json.dumps(jsonable(result), indent=2))
+        print(dumps_json(result))
     else:
         from evalkit.jobs.report import format_summary
 

@@ -122,10 +122,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import json
-
+    from evalkit._io import dumps_json
     from evalkit.search.index import load_index
 
     idx = load_index(args.path)
-    print(json.dumps(idx.meta, indent=2, sort_keys=True))
+    print(dumps_json(idx.meta, sort_keys=True))
     return 0

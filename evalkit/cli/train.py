@@ -9,7 +9,6 @@ imported until the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ def _label_scale(text: str) -> str | float:
     if text == "auto":
         return text
     value = float(text)
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number; got {text}")
     return value
 
@@ -186,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
         raise EvalkitError(f"--loss {args.loss} needs --label COL (the gold score or 0/1 label)")
     if args.eval_every and not args.eval_data:
         raise EvalkitError("--eval-every needs --eval-data F")
+    from evalkit._io import dumps_json, out_dir_problem
+
+    if problem := out_dir_problem(args.out):
+        raise EvalkitError(problem)
     out = Path(args.out)
     from evalkit.train.fit import fit, setup_distributed
 
@@ -214,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     evaluator = _build_evaluator(args)
     if main:
         (out / "train_args.json").write_text(
-            json.dumps({**vars(args), "func": None, "train_file": str(train_file)}, indent=2) + "\n"
+            dumps_json({**vars(args), "func": None, "train_file": str(train_file)}, default=str)
+            + "\n"
         )
     result = fit(
         model,
@@ -295,6 +299,7 @@ def _check_labels(path: Path, args: argparse.Namespace) -> float | None:
     column = table.column(args.label)
     if not pa_is_numeric(column.type):
         raise DataError(f"--label {args.label} must be numeric; it is {column.type}")
+    _check_finite(column, args.label, path)
     bounds = pc.min_max(column).as_py()
     low, high = bounds["min"], bounds["max"]
     if low is None:
@@ -322,6 +327,22 @@ def _check_labels(path: Path, args: argparse.Namespace) -> float | None:
             f"--label-scale {args.label_scale:g}; pass --label-scale {max(abs(low), abs(high)):g}"
         )
     return args.label_scale
+
+
+def _check_finite(column: Any, label: str, path: Path) -> None:
+    """A NaN or infinite label would poison the loss (and an inf would set --label-scale auto)."""
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    if not pt.is_floating(column.type):
+        return
+    bad = pc.invert(pc.fill_null(pc.is_finite(column), True))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise DataError(
+            f"--label {label}: row {row} of {path} is {column[row].as_py()}; labels must be "
+            "finite numbers (drop or fix that row)"
+        )
 
 
 def pa_is_numeric(t: Any) -> bool:
@@ -370,7 +391,9 @@ def _build_evaluator(args: argparse.Namespace) -> Any:
 
 
 def _print_summary(result: Any) -> None:
-    print(json.dumps(result.to_dict(), indent=2))
+    from evalkit._io import dumps_json
+
+    print(dumps_json(result.to_dict()))
     lines = [
         f"trained {result.steps} steps ({result.samples:,} samples, "
         f"{result.samples_per_second:.0f} samples/s, {result.precision}, {result.world_size} process(es))",

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evalkit._io import out_file_problem
 from evalkit.data.readers import _check_batch_size, _Scan
 from evalkit.data.sources import Opened, is_text, missing_column, open_any
 from evalkit.errors import DataError, EvalkitError
@@ -84,6 +85,8 @@ def convert(
     dest = Path(os.fspath(dest))
     if "://" in str(dest):
         raise EvalkitError(f"DEST must be a local path; got {dest}")
+    if problem := out_file_problem(dest, "DEST"):
+        raise EvalkitError(problem)
     started = time.perf_counter()
     opened = open_any(source, **source_options)
     aliases = {new: old for old, new in _pairs(rename)}

@@ -64,14 +64,19 @@ def load_model(
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model_path(model)
+    device = resolve_device(device)
     try:
-        return SentenceTransformer(path, device=resolve_device(device))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, EvalkitError):
-            raise
+        return SentenceTransformer(path, device=device)
+    except EvalkitError:
+        raise
+    except (
+        Exception
+    ) as exc:  # a damaged folder raises anything: OSError, SafetensorError, KeyError...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise EvalkitError(
-            f"cannot load model {model!r} ({path}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-            "give a local sentence-transformers model directory (nothing is downloaded at run time)"
+            f"cannot load model {model!r} ({path}): {type(exc).__name__}"
+            f"{': ' + detail if detail else ''}; give an intact local sentence-transformers model "
+            "directory (nothing is downloaded at run time)"
         ) from exc
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from evalkit._io import dumps_json
 from evalkit.errors import EvalkitError, FingerprintMismatchError, StoreError
 
 FORMAT = "evalkit.embeddings/1"
@@ -132,8 +133,7 @@ def _file_digest(path: Path) -> str:
 def _atomic_write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
+        fh.write(dumps_json(obj, indent=1, sort_keys=True) + "\n")  # strict: NaN -> null
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

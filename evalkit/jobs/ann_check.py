@@ -31,13 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def _memmap_corpus(
-    corpus: Any, encoder: Any, scratch: Path, block: int, progress: bool, **source_options
-):
+    corpus: Any, encoder: Any, scratch: Path, block: int, progress: bool, ids: Any = None,
+    **source_options,
+):  # fmt: skip
     """Encode the corpus once (through the store) into a memory-mapped scratch .npy; returns
-    (ids as a numpy object array, the memmap)."""
+    (ids as a numpy object array, the memmap). `ids`: its corpus_ids, if already read."""
     from evalkit.data import beir
 
-    ids = beir.corpus_ids(corpus, **source_options)
+    ids = beir.corpus_ids(corpus, **source_options) if ids is None else ids
     if not len(ids):
         raise DataError(f"corpus {corpus} has no documents")
     mm, row = None, 0
@@ -97,6 +98,7 @@ def ann_check(
     import tempfile
 
     _check_args(corpus, embeddings, queries, qrels, k, n_queries, min_recall)
+    door_ids = _check_at_door(out, corpus, source_options)
     judged, qids, qtexts = _read_queries(queries, qrels)
     encoder, fingerprint = None, None
     if corpus is not None or queries is not None:
@@ -113,7 +115,13 @@ def ann_check(
             blocks, n_rows, fingerprint = _embedding_blocks(embeddings, fingerprint, force)
         else:
             blocks, n_rows = _encoded_blocks(
-                corpus, encoder.encode, Path(scratch), corpus_block, progress, **source_options
+                corpus,
+                encoder.encode,
+                Path(scratch),
+                corpus_block,
+                progress,
+                door_ids,
+                **source_options,
             )
         holdout, sample_ids = None, None
         if queries is None:
@@ -225,9 +233,9 @@ def _embedding_blocks(embeddings, fingerprint: str | None, force: bool):
     return blocks, int(manifest["rows"]), built_with or fingerprint
 
 
-def _encoded_blocks(corpus, encoder, scratch: Path, corpus_block: int, progress, **source_options):
+def _encoded_blocks(corpus, encoder, scratch: Path, corpus_block: int, progress, ids, **options):
     """Step 2, corpus file: encoded once into a scratch memmap; (blocks over it, rows)."""
-    ids, mm = _memmap_corpus(corpus, encoder, scratch, corpus_block, progress, **source_options)
+    ids, mm = _memmap_corpus(corpus, encoder, scratch, corpus_block, progress, ids, **options)
     n_rows = len(mm)
 
     def blocks():
@@ -245,6 +253,21 @@ def _sample_queries(blocks: Blocks, n_rows: int, n_queries: int, seed: int):
     holdout = np.sort(np.random.default_rng(seed).choice(n_rows, n_q, replace=False))
     q_emb, sample_ids = _gather(blocks, holdout)
     return holdout, q_emb, sample_ids
+
+
+def _check_at_door(out: Any, corpus: Any, source_options: dict[str, Any]) -> Any:
+    """Checks that can fail fast, before any model loads: OUT can be written, the corpus reads
+    (every id, once: -> the ids, handed to _memmap_corpus; its first document)."""
+    from evalkit._io import out_dir_problem
+    from evalkit.data import beir
+
+    if out is not None and (problem := out_dir_problem(out)):
+        raise EvalkitError(problem)
+    if corpus is None:
+        return None
+    ids = beir.corpus_ids(corpus, **source_options)
+    beir.check_corpus(corpus, **source_options)
+    return ids
 
 
 def _open_store(cache: Any, dtype: str = "float32"):
@@ -396,13 +419,20 @@ def build_corpus_index(
     scratch file, then build and save the index (ids = the corpus ids, fingerprint = the model's)."""
     import tempfile
 
+    door_ids = _check_at_door(out, corpus, source_options)
     Path(out).mkdir(parents=True, exist_ok=True)
     with (
         _make_encoder(model, cache, device, batch_size) as encoder,
         tempfile.TemporaryDirectory(prefix=".evalkit-index-", dir=out) as scratch,
     ):
         ids, mm = _memmap_corpus(
-            corpus, encoder.encode, Path(scratch), corpus_block, progress, **source_options
+            corpus,
+            encoder.encode,
+            Path(scratch),
+            corpus_block,
+            progress,
+            door_ids,
+            **source_options,
         )
         return build_index(
             mm,

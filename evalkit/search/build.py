@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from evalkit._io import out_dir_problem
 from evalkit.errors import DataError, EvalkitError
 from evalkit.search.index import (
     FORMAT,
@@ -159,6 +160,8 @@ def build_index(
     on its first rows). `spec`: any FAISS factory string ('Flat', 'HNSW32', 'IVF1024,Flat',
     'OPQ16,IVF1024,PQ16', ...) or None/'auto' to let `choose_index` decide.
     """
+    if out is not None and (problem := out_dir_problem(out)):
+        raise EvalkitError(problem)  # before any work, not after the index is built
     faiss = _faiss()
     fmetric = _faiss_metric(metric)
     budget = parse_size(memory_budget)

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from evalkit._imports import require
+from evalkit._io import dumps_json
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError
 from evalkit.search.plan import HNSW_EF_GRID
 
@@ -205,7 +206,7 @@ def check_k(k: int, rows: int) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(dumps_json(obj, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 

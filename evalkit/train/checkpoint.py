@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from evalkit._io import dumps_json, write_json_atomic
 from evalkit.errors import EvalkitError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def write_checkpoint(root: Path, step: int, model: Any, payload: dict, keep: int
     save_model(model, tmp / "model")
     torch.save(payload, tmp / STATE_FILE)
     readable = ("step", "epoch", "step_in_epoch", "samples", "best", "config")
-    write_json_atomic(tmp / "state.json", {k: payload[k] for k in readable})
+    write_json_atomic(tmp / "state.json", {k: payload[k] for k in readable}, default=str)
     replace_dir(tmp, final)
     if keep:
         for old in list_checkpoints(root)[:-keep]:
@@ -153,7 +154,7 @@ def append_log(path: Path | None, record: dict[str, Any]) -> None:
     if path is None:
         return
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps_json(record, indent=None, default=str) + "\n")
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -166,9 +167,3 @@ def trim_log(path: Path, step: int) -> None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evalkit._io import out_dir_problem, write_json_atomic
 from evalkit.errors import EvalkitError
 from evalkit.train import checkpoint as ckpt
 from evalkit.train.batches import Collate, EpochBatchSampler, make_loader
@@ -382,7 +383,7 @@ class _Run:
             world_size=self.ddp.world,
         )
         if self.is_main and self.out is not None:
-            ckpt.write_json_atomic(self.out / "result.json", result.to_dict())
+            write_json_atomic(self.out / "result.json", result.to_dict(), default=str)
         if self.ddp.initialized_here:
             import torch.distributed as dist
 
@@ -410,6 +411,8 @@ def _check_options(o: _Options, dataset: Any) -> None:
     if len(dataset) == 0:
         raise EvalkitError("the training data has no rows")
     out = Path(o.out) if o.out is not None else None
+    if out is not None and (problem := out_dir_problem(out)):
+        raise EvalkitError(problem)
     if (o.checkpoint_every or o.resume) and out is None:
         raise EvalkitError("checkpoint_every and resume need an output directory (out=...)")
     existing = ckpt.list_checkpoints(out / "checkpoints") if out is not None else []
