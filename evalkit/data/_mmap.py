@@ -1,7 +1,9 @@
 """Reading rows of a memory-mapped Arrow IPC file in place, without building Arrow arrays.
 
 1) `IpcFile` memory-maps the file once and opens it as an IPC file (or stream) over that one
-   zero-copy buffer, so every record batch is a view into the map;
+   zero-copy buffer, so every record batch is a view into the map; each batch is fully validated
+   once (`validate(full=True)`: offsets within their buffers, UTF-8 strings), since the gathers
+   below trust the offsets they read (a corrupt one would serve wrong text or crash);
 2) `Column` records, per record batch, the first row id, the array offset and the file positions
    of the validity bitmap, offsets/values buffer and string data buffer, in small numpy tables;
 3) `Column.take(rows)` maps global row ids to (batch, row) with np.searchsorted, reads validity
@@ -14,15 +16,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import sys
 
 import numpy as np
 import pyarrow as pa
 
 from evalkit.errors import DataError
-
-_ITEM = {k: np.arange(k, dtype=np.int64) for k in (1, 2, 4, 8)}
-
 
 _ITEM = {k: np.arange(k, dtype=np.int64) for k in (1, 2, 4, 8)}
 
@@ -44,7 +44,7 @@ def _kind(t: pa.DataType) -> str:
 class IpcFile:
     """One memory-mapped Arrow IPC file: its batches (views into the map) and where each batch starts."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, validate: str = "full") -> None:
         self.path = path
         if not os.path.isfile(path):
             raise DataError(f"Arrow file {path} does not exist")
@@ -77,7 +77,10 @@ class IpcFile:
                 batches = pa.ipc.open_stream(self.buffer)
                 self.schema = batches.schema
             for batch in batches:
-                batch.validate()
+                if validate == "full":
+                    _validate_full(batch, path, sum(lengths))
+                else:
+                    batch.validate()
                 in_map = self._in_map(batch)
                 lengths.append(batch.num_rows)
                 self.zero_copy.append(in_map)
@@ -126,6 +129,32 @@ class IpcFile:
         """Global row ids (valid, non-negative) -> (batch index, row within batch)."""
         b = np.searchsorted(self.starts, rows, side="right") - 1
         return b, rows - self.starts[b]
+
+
+def _validate_full(batch: pa.RecordBatch, path: str, first_row: int) -> None:
+    """Offsets within their buffers and valid UTF-8 strings, or a DataError naming the column
+    (and for bad UTF-8 the row): the gathers below trust every offset they read."""
+    try:
+        batch.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            message = str(exc).splitlines()[0]
+            utf8 = re.search(r"Invalid UTF8 sequence at string index (\d+)", message)
+            if utf8:
+                raise DataError(
+                    f"row {first_row + int(utf8[1])}, column {name!r} of {path} is not valid UTF-8; "
+                    "re-create the file from UTF-8 text"
+                ) from None
+            raise DataError(
+                f"{path} is a corrupt Arrow file: column {name!r} (batch starting at row "
+                f"{first_row}) fails validation ({message}); re-create it"
+            ) from None
+    batch.validate(full=True)  # the batch itself is bad (raises)
 
 
 class Column:

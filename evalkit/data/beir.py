@@ -12,13 +12,17 @@ Algorithm:
 3) `load_queries` reads queries.jsonl into (ids, texts); queries are few, they fit in memory.
 4) `load_qrels` reads the BEIR TSV (`query-id corpus-id score`, header line) or a TREC qrels file
    (`qid 0 docid rel`, no header) into {query_id: {corpus_id: grade}}.
-Every malformed line raises DataError naming the file and line number.
+Every malformed line raises DataError naming the file and line number, as does a line that is
+not valid UTF-8 (lines are decoded strictly, one by one). Texts and titles must be strings (a
+number or a list is refused, never str()'d); ids may be strings or integers. Tables are read
+through `evalkit.data.readers.iter_batches`, which checks and decodes their text columns.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,29 @@ def _is_jsonl(path: str) -> bool:
     return path.lower().endswith(_JSON_SUFFIXES)
 
 
-def _open_text(path: str):
+def _open_binary(path: str):
     if path.lower().endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line, each decoded strictly as UTF-8 (BOM on line 1 dropped)."""
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                    ) from None
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated/corrupt .gz
+        raise DataError(f"cannot read {path}: {exc}") from None
 
 
 def _check_file(path: str | os.PathLike, what: str) -> str:
@@ -56,22 +77,19 @@ def _check_file(path: str | os.PathLike, what: str) -> str:
 
 def _iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object raises."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a BEIR {what} file "
-                    "must be one JSON object"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            yield lineno, obj
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a BEIR {what} file "
+                "must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _field(obj: dict, key: str, path: str, lineno: int, *, required: bool = True) -> Any:
@@ -88,7 +106,23 @@ def _doc_id(obj: dict, path: str, lineno: int) -> str:
     value = _field(obj, "_id", path, lineno)
     if value is None or value == "":
         raise DataError(f"{path}:{lineno}: empty '_id'")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(
+            f"{path}:{lineno}: '_id' is a {type(value).__name__} ({value!r}); ids are strings "
+            "(or integers)"
+        )
     return str(value)
+
+
+def _text_field(obj: dict, key: str, path: str, lineno: int, *, required: bool = True) -> Any:
+    """A text field: a string (None when absent/null and not required); never str() of a number."""
+    value = _field(obj, key, path, lineno, required=required)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        what = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        raise DataError(f"{path}:{lineno}: {key!r} is {what}, not a string")
+    return value
 
 
 def iter_corpus(
@@ -108,11 +142,12 @@ def iter_corpus(
         ids: list[str] = []
         texts: list[str] = []
         for lineno, obj in _iter_jsonl(path, "corpus"):
-            text = _field(obj, "text", path, lineno)
-            if text is None:
+            if obj.get("text", "") is None:
                 raise DataError(f"{path}:{lineno}: document {obj.get('_id')!r} has null 'text'")
+            text = _text_field(obj, "text", path, lineno)
+            title = _text_field(obj, "title", path, lineno, required=False)
             ids.append(_doc_id(obj, path, lineno))
-            texts.append(document_text(obj.get("title"), text))
+            texts.append(document_text(title, text))
             if len(ids) >= batch_size:
                 yield ids, texts
                 ids, texts = [], []
@@ -125,10 +160,14 @@ def iter_corpus(
 def _iter_corpus_arrow(
     path: str, *, batch_size: int, **source_options: Any
 ) -> Iterator[tuple[list[str], list[str]]]:
-    from evalkit.data.readers import open_source
+    import pyarrow as pa
 
-    dataset = open_source(path, **source_options)
-    names = dataset.schema.names
+    from evalkit.data.readers import iter_batches, open_source
+
+    # CSV/TSV: ids and texts are read as strings (an id 007 stays '007')
+    as_strings = ["_id", "id", "text", "title"]
+    schema = open_source(path, text_columns=as_strings, **source_options).schema
+    names = schema.names
     id_col = "_id" if "_id" in names else "id" if "id" in names else None
     if id_col is None or "text" not in names:
         raise DataError(
@@ -136,21 +175,40 @@ def _iter_corpus_arrow(
             f"columns are: {', '.join(names)}"
         )
     columns = [id_col, "text"] + (["title"] if "title" in names else [])
+    int_ids = pa.types.is_integer(schema.field(id_col).type)  # exact as decimal strings
+    texts = columns[1:] if int_ids else columns
     row = 0
-    for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
+    batches = iter_batches(
+        path, columns=columns, text_columns=texts, batch_size=batch_size, **source_options
+    )
+    for batch in batches:
+        id_array = batch.column(id_col)
         data = batch.to_pydict()
         titles = data.get("title") or [None] * batch.num_rows
         ids = []
-        for i, value in enumerate(data[id_col]):
+        for i, value in enumerate(
+            id_array.cast(pa.string()).to_pylist() if int_ids else data[id_col]
+        ):
             if value is None or value == "":
                 raise DataError(f"corpus {path}: row {row + i} has an empty {id_col!r}")
-            ids.append(str(value))
+            ids.append(value)
         for i, value in enumerate(data["text"]):
             if value is None:
                 raise DataError(f"corpus {path}: row {row + i} (id {ids[i]!r}) has null 'text'")
         row += batch.num_rows
         if ids:
             yield ids, [document_text(t, x) for t, x in zip(titles, data["text"], strict=True)]
+
+
+def check_corpus(path: str | os.PathLike, **source_options: Any) -> None:
+    """Cheap checks before any model loads: the corpus exists, and its first document (JSON Lines)
+    or its columns and their types (tables) are usable. Reads one line or the schema only."""
+    path = os.fspath(path)
+    if "://" not in path:
+        _check_file(path, "corpus")
+    first = iter_corpus(path, batch_size=1, **source_options)
+    next(first, None)
+    first.close()
 
 
 def corpus_ids(path: str | os.PathLike, **source_options: Any):
@@ -213,14 +271,14 @@ def load_queries(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         raise DataError(f"queries {path}: expected a BEIR queries.jsonl (one JSON object per line)")
     for lineno, obj in _iter_jsonl(path, "queries"):
         qid = _doc_id(obj, path, lineno)
-        text = _field(obj, "text", path, lineno)
-        if text is None:
+        if obj.get("text", "") is None:
             raise DataError(f"{path}:{lineno}: query {qid!r} has null 'text'")
+        text = _text_field(obj, "text", path, lineno)
         if qid in seen:
             raise DataError(f"{path}:{lineno}: query id {qid!r} occurs more than once")
         seen.add(qid)
         ids.append(qid)
-        texts.append(str(text))
+        texts.append(text)
     if not ids:
         raise DataError(f"queries {path} is empty")
     return ids, texts
@@ -235,27 +293,26 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     """
     path = _check_file(path, "qrels")
     qrels: dict[str, dict[str, int]] = {}
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
-            if lineno == 1 and _is_header(parts):
-                continue
-            if len(parts) == 3:
-                qid, docid, grade = parts
-            elif len(parts) == 4:
-                qid, _, docid, grade = parts
-            else:
-                raise DataError(
-                    f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score) "
-                    f"or 4 TREC fields (qid, 0, docid, rel); got {len(parts)}: {line.strip()[:80]!r}"
-                )
-            try:
-                value = int(float(grade))
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {grade!r} is not a number") from None
-            qrels.setdefault(qid.strip(), {})[docid.strip()] = value
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+        if lineno == 1 and _is_header(parts):
+            continue
+        if len(parts) == 3:
+            qid, docid, grade = parts
+        elif len(parts) == 4:
+            qid, _, docid, grade = parts
+        else:
+            raise DataError(
+                f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score) "
+                f"or 4 TREC fields (qid, 0, docid, rel); got {len(parts)}: {line.strip()[:80]!r}"
+            )
+        try:
+            value = int(float(grade))
+        except (ValueError, OverflowError):
+            raise DataError(f"{path}:{lineno}: score {grade!r} is not a number") from None
+        qrels.setdefault(qid.strip(), {})[docid.strip()] = value
     if not qrels:
         raise DataError(f"qrels {path} has no judgements")
     return qrels

@@ -1,8 +1,12 @@
 """Labelled text pairs streamed from any source: (left texts, right texts, labels) batches.
 
-1) stream record batches of the three columns with `evalkit.data.readers.iter_batches`;
+1) stream record batches of the three columns with `evalkit.data.readers.iter_batches`, the two
+   text columns checked at the door and decoded as strict UTF-8 (`evalkit.data.text`): numbers are
+   never turned into text and bytes never become "b'...'";
 2) reject a null in any column, naming its row;
-3) cast the label column to float64 (a non-numeric label is refused with its type);
+3) cast the label column to float64 (a non-numeric label is refused with its type) and reject a
+   label that is NaN or infinite, naming its row (an `inf` gold score would make every
+   correlation meaningless);
 4) yield the two text lists and the label array, batch by batch.
 """
 
@@ -22,10 +26,14 @@ from evalkit.errors import DataError
 def iter_pair_batches(
     data: Any, *, left: str, right: str, label: str, batch_size: int = 8192, **source_options: Any
 ) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
-    """(left texts, right texts, float64 labels) batches of a pairs source, nulls rejected by row."""
+    """(left texts, right texts, float64 labels) batches of a pairs source, nulls and non-finite
+    labels rejected by row."""
     columns = [left, right, label]
     row = 0
-    for batch in iter_batches(data, columns=columns, batch_size=batch_size, **source_options):
+    batches = iter_batches(
+        data, columns=columns, text_columns=[left, right], batch_size=batch_size, **source_options
+    )
+    for batch in batches:
         if batch.num_rows == 0:
             continue
         for col in columns:
@@ -39,7 +47,17 @@ def iter_pair_batches(
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             kind = batch.column(label).type
             raise DataError(f"{data}: label column {label!r} is {kind}, not numeric") from None
-        texts_l = [str(t) for t in batch.column(left).to_pylist()]
-        texts_r = [str(t) for t in batch.column(right).to_pylist()]
+        check_finite_labels(gold, f"{data}", label, row)
+        yield batch.column(left).to_pylist(), batch.column(right).to_pylist(), gold
         row += batch.num_rows
-        yield texts_l, texts_r, gold
+
+
+def check_finite_labels(gold: np.ndarray, where: str, label: str, first_row: int) -> None:
+    """Refuse a NaN or infinite label, naming its row (0-based)."""
+    bad = ~np.isfinite(gold)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{where}: row {first_row + i} has label {label!r} = {gold[i]!r}; labels must be "
+            "finite numbers (drop or fix that row)"
+        )

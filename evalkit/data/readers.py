@@ -6,9 +6,13 @@
    and record-batch readers are taken as they are.
 2) Open it as a `pyarrow.dataset.Dataset` (CSV/TSV header, delimiter and quoting as asked).
 3) Validate at the door: selected and renamed columns, the filter and the text columns must exist;
-   a mistake names the real columns.
-4) Scan record batches in input order (`dataset.to_batches()`, one batch of read-ahead).
-`open_ipc` memory-maps an Arrow IPC file as a Table. Conversion to Arrow lives in
+   a mistake names the real columns; text columns must hold text (`evalkit.data.text`).
+4) Scan record batches in input order (`dataset.to_batches()`, one batch of read-ahead). Batches
+   of Arrow IPC/Feather files are fully validated (`RecordBatch.validate(full=True)`: offsets in
+   bounds, UTF-8) as they are read and before any filter touches them, so a corrupt file is one
+   DataError instead of a segfault or garbage text; text columns are checked and decoded batch by
+   batch (`evalkit.data.text.as_text`).
+`open_ipc` memory-maps an Arrow IPC file as a Table (fully validated). Conversion to Arrow lives in
 `evalkit.data.convert`, the filter syntax in `evalkit.data.filters`.
 """
 
@@ -25,6 +29,7 @@ import pyarrow.dataset as ds
 
 from evalkit.data.filters import _parse_filter
 from evalkit.data.sources import Opened, first_line, missing_column, open_any, open_error
+from evalkit.data.text import as_text, check_text_types
 from evalkit.errors import DataError, EvalkitError
 
 __all__ = ["count_rows", "iter_batches", "open_ipc", "open_source"]
@@ -41,6 +46,7 @@ def open_source(
     delimiter: str | None = None,
     quoting: bool = True,
     filesystem: Any = None,
+    text_columns: Sequence[str] | None = None,
 ) -> ds.Dataset:
     """Open `source` as a `pyarrow.dataset.Dataset` without reading its rows.
 
@@ -51,10 +57,12 @@ def open_source(
     `format` is one of parquet, csv, tsv, json/jsonl (JSON Lines), orc, arrow/feather/ipc (default:
     from the extension). `column_names` names the columns of a CSV/TSV without a header row;
     `quoting=False` reads quote characters as text. `filesystem` is a pyarrow or fsspec filesystem
-    in which `source` is a path. A `pyarrow.RecordBatchReader` source is read into memory here;
-    `iter_batches`/`convert` stream it instead.
+    in which `source` is a path. `text_columns` are read from CSV/TSV as strings, never inferred as
+    numbers. A `pyarrow.RecordBatchReader` source is read into memory here; `iter_batches`/`convert`
+    stream it instead.
     """
-    opened = open_any(source, **_options(format, column_names, delimiter, quoting, filesystem))
+    options = _options(format, column_names, delimiter, quoting, filesystem)
+    opened = open_any(source, text_columns=text_columns, **options)
     if opened.dataset is not None:
         return opened.dataset
     return ds.dataset(opened.reader.read_all())
@@ -66,17 +74,22 @@ def iter_batches(
     columns: Sequence[str] | None = None,
     filter: pc.Expression | str | Sequence[pc.Expression | str] | None = None,
     batch_size: int = 65536,
+    text_columns: Sequence[str] | None = None,
     **source_options: Any,
 ) -> Iterator[pa.RecordBatch]:
     """Yield the record batches of `source` in input order, at most `batch_size` rows each.
 
     `columns` selects (and orders) columns; `filter` is a pyarrow expression, a "COL OP VALUE"
-    string (see `parse_filter`) or a list of them, all of which must hold. Both are checked here,
-    before any row is read: an unknown column raises DataError naming the real ones.
+    string (see `parse_filter`) or a list of them, all of which must hold. `text_columns` (among
+    the selected columns) must hold text: other types are refused, binary is decoded strictly as
+    UTF-8, and they come out as string columns of valid UTF-8 (see `evalkit.data.text`). All of
+    this is checked here, before any row is read: an unknown column raises DataError naming the
+    real ones.
     """
     _check_batch_size(batch_size)
-    opened = open_any(source, **source_options)
-    return _Scan(opened, columns, filter, batch_size).batches()
+    texts = list(text_columns or [])
+    opened = open_any(source, text_columns=texts, **source_options)
+    return _Scan(opened, columns, filter, batch_size, texts=texts).batches()
 
 
 def count_rows(source: Any, *, filter: Any = None, **source_options: Any) -> int:
@@ -91,7 +104,8 @@ def count_rows(source: Any, *, filter: Any = None, **source_options: Any) -> int
 
 def open_ipc(path: str | os.PathLike[str]) -> pa.Table:
     """Memory-map an Arrow IPC file (file or stream format) as a Table, without copying its data.
-    A missing, empty, truncated or corrupt file raises DataError saying so."""
+    A missing, empty, truncated or corrupt file (full validation: offsets, UTF-8) raises DataError
+    saying so."""
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise DataError(f"no such Arrow file: {p}")
@@ -105,7 +119,7 @@ def open_ipc(path: str | os.PathLike[str]) -> pa.Table:
             table = pa.ipc.open_file(mm).read_all()
         else:
             table = pa.ipc.open_stream(mm).read_all()
-        table.validate()
+        table.validate(full=True)  # offsets in bounds, UTF-8: reading a bad one would segfault
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
             f"{p} is corrupt or truncated, not a readable Arrow IPC file ({first_line(exc)})"
@@ -120,14 +134,28 @@ class _Scan:
     """A validated scan plan: output schema known, batches produced lazily in input order."""
 
     def __init__(
-        self, opened: Opened, columns: Any, filter: Any, batch_size: int, aliases: Any = None
+        self,
+        opened: Opened,
+        columns: Any,
+        filter: Any,
+        batch_size: int,
+        aliases: Any = None,
+        texts: Sequence[str] = (),
     ) -> None:
         self.opened = opened
         self.columns = _check_columns(columns, opened)
         self.filter = _combine_filters(filter, opened, aliases)
         self.batch_size = batch_size
         kwargs = {"columns": self.columns, "filter": self.filter, "batch_size": batch_size}
-        if opened.dataset is not None:
+        if opened.kind == "ipc":
+            # Validate each batch as it leaves the file, before the filter or anything else reads
+            # it: corrupt offsets would make those read out of bounds.
+            source, schema = _validated_ipc(opened, self.columns, self.filter, batch_size)
+            kwargs.update(batch_readahead=_BATCH_READAHEAD, use_threads=False)
+            self.scanner = _guard(
+                opened, lambda: ds.Scanner.from_batches(source, schema=schema, **kwargs)
+            )
+        elif opened.dataset is not None:
             # One decode thread: parallel decoding of row groups holds several decoded groups at
             # once (measured on a 2 GB Parquet: 250-570 MB RssAnon growth threaded, ~110-170 MB not).
             kwargs.update(
@@ -140,17 +168,66 @@ class _Scan:
             kwargs.update(batch_readahead=_BATCH_READAHEAD, use_threads=False)
             self.scanner = _guard(opened, lambda: ds.Scanner.from_batches(opened.reader, **kwargs))
         self.schema = self.scanner.projected_schema
+        self.texts = list(texts)
+        for name in self.texts:
+            if name not in self.schema.names:
+                raise DataError(missing_column(name, opened.label, self.schema.names))
+        check_text_types(self.schema, self.texts, opened.label)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         def generate() -> Iterator[pa.RecordBatch]:
             iterator = _guard(self.opened, self.scanner.to_batches)
+            row = 0
             while True:
                 batch = _guard(self.opened, lambda: next(iterator, None))
                 if batch is None:
                     return
+                if self.texts:
+                    batch = self._decoded(batch, row)
+                row += batch.num_rows
                 yield batch
 
         return generate()
+
+    def _decoded(self, batch: pa.RecordBatch, row: int) -> pa.RecordBatch:
+        """The batch with its text columns as valid UTF-8 strings (binary decoded strictly)."""
+        arrays, fields = list(batch.columns), list(batch.schema)
+        for name in self.texts:
+            i = batch.schema.get_field_index(name)
+            arrays[i] = as_text(arrays[i], self.opened.label, name, row)
+            fields[i] = fields[i].with_type(arrays[i].type)
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, batch.schema.metadata))
+
+
+def _validated_ipc(
+    opened: Opened, columns: list[str] | None, filter: Any, batch_size: int
+) -> tuple[Iterator[pa.RecordBatch], pa.Schema]:
+    """The record batches of an Arrow IPC source, each fully validated before it is handed on
+    (only the selected columns, or all of them when a filter needs to see them)."""
+    wanted = columns if filter is None else None
+    schema = (
+        opened.schema if wanted is None else pa.schema([opened.schema.field(c) for c in wanted])
+    )
+
+    def generate() -> Iterator[pa.RecordBatch]:
+        batches = opened.dataset.to_batches(
+            columns=wanted,
+            batch_size=batch_size,
+            batch_readahead=_BATCH_READAHEAD,
+            fragment_readahead=_FRAGMENT_READAHEAD,
+            use_threads=False,
+        )
+        for batch in batches:
+            try:
+                batch.validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise DataError(
+                    f"{opened.label} is a corrupt Arrow file ({first_line(exc)}); it cannot be "
+                    "read safely: recreate it (e.g. evalkit convert from the original data)"
+                ) from None
+            yield batch
+
+    return generate(), schema
 
 
 def _guard(opened: Opened, call: Any) -> Any:

@@ -9,6 +9,7 @@ record-batch reader), plus a label for error messages.
    (skipping names that start with "." or "_"), all sorted so input order is deterministic.
 3) Format: `format=` or the extensions (compression suffixes such as .gz are looked through);
    Arrow IPC files are sniffed: file format scans lazily, stream format is memory-mapped.
+   CSV/TSV columns named as text are read as strings (no type inference for them).
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def open_error(exc: BaseException, kind: str, label: str) -> str:
     message = re.sub(r"^(Invalid|IOError): ", "", message)
     name = where[1] if where and where[1] != label and not where[1].endswith(label) else None
     what = f"{name} (in {label})" if name else label
+    if "utf8" in message.lower().replace("-", ""):  # CSV "Row #N" is the 1-based line number
+        return (
+            f"{what} is not valid UTF-8 text: {message}; evalkit reads text as UTF-8 only: "
+            "re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        )
     if kind in ("csv", "tsv"):
         return (
             f"cannot parse {what} as {_NAMES[kind]}: {message} "
@@ -137,7 +143,10 @@ def open_any(
     delimiter: str | None = None,
     quoting: bool = True,
     filesystem: Any = None,
+    text_columns: Sequence[str] | None = None,
 ) -> Opened:
+    """`source` made scannable. `text_columns` are read as strings from CSV/TSV, never inferred as
+    numbers (a column of digits keeps its exact characters: '007' stays '007')."""
     label = describe(source)
     if isinstance(source, ds.Dataset):
         return Opened(source, None, label, "memory" if _in_memory(source) else "dataset")
@@ -155,7 +164,7 @@ def open_any(
     fs, paths, local = _resolve(source, filesystem, label)
     kind = _format(paths, format, label)
     if kind in ("csv", "tsv"):
-        file_format = _csv_format(kind, column_names, delimiter, quoting)
+        file_format = _csv_format(kind, column_names, delimiter, quoting, text_columns)
     elif column_names:
         raise EvalkitError(f"column_names is for CSV/TSV files without a header, not {kind}")
     elif kind == "parquet":
@@ -357,7 +366,7 @@ def _parquet_format(local: bool) -> ds.ParquetFileFormat:
     return ds.ParquetFileFormat(default_fragment_scan_options=options)
 
 
-def _csv_format(kind: str, column_names, delimiter, quoting) -> ds.CsvFileFormat:
+def _csv_format(kind: str, column_names, delimiter, quoting, text_columns) -> ds.CsvFileFormat:
     import pyarrow.csv as pacsv
 
     if column_names is not None:
@@ -371,6 +380,9 @@ def _csv_format(kind: str, column_names, delimiter, quoting) -> ds.CsvFileFormat
     return ds.CsvFileFormat(
         parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False),
         read_options=pacsv.ReadOptions(column_names=column_names),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in text_columns or ()}
+        ),
     )
 
 

@@ -2,11 +2,16 @@
 
 1) an encoder (evalkit.embed.encoder.StreamingEncoder: texts -> embeddings through the store,
    with tallies) turns text batches into vectors;
-2) `pairs_pass` streams (left, right, label) batches: encode both sides, pair scores, update the
-   streaming similarity/classification metric and a score histogram.
+2) `pairs_pass` streams (left, right, label) batches: reject non-finite labels (and non-0/1 ones
+   for classification), encode both sides, pair scores, update the streaming
+   similarity/classification metric and a score histogram. A set whose metric is undefined or
+   trivial (one class, one gold value) is refused; any other undefined metric (constant scores)
+   is logged as a warning and written as null.
 3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
    into `exact_search` (O(queries x k) state), and scores the ranked lists with the dialect's
-   retrieval metrics and a recall@k curve.
+   retrieval metrics and a recall@k curve. `warn_missing_documents` warns (count, example id)
+   when the qrels judge documents that are not in the corpus: they can never be retrieved, so
+   they lower recall.
 
 The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators`.
 """
@@ -20,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from evalkit.data.pairs import check_finite_labels
 from evalkit.errors import DataError, EvalkitError
 from evalkit.search.exact import exact_search
 
@@ -56,11 +62,14 @@ def pairs_pass(
     metric = SimilarityMetrics() if task == "similarity" else ClassificationMetrics()
     hist = ScoreHistogram()
     rows = 0
+    seen = _GoldRange()
     with _progress(None, f"evaluate {task}", "pairs", progress) as bar:
         for texts_l, texts_r, gold in batches:
             gold = np.asarray(gold, dtype=np.float64)
+            check_finite_labels(gold, where, "label", rows)
             if task == "classification":
                 _check_binary(gold, where, rows)
+            seen.update(gold)
             n = len(texts_l)
             emb = encoder.encode(list(texts_l) + list(texts_r))
             scores = pair_scores(emb[:n], emb[n:])
@@ -70,7 +79,41 @@ def pairs_pass(
             bar.update(n)
     if rows == 0:
         raise DataError(f"{where} has no pairs to evaluate")
-    return {k: float(v) for k, v in metric.compute().items()}, hist, rows
+    seen.check(task, where, rows)
+    metrics = {k: float(v) for k, v in metric.compute().items()}
+    undefined = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if undefined:
+        logger.warning(
+            "%s: %d metric(s) are undefined (written as null): %s; the model gives every pair "
+            "the same score",
+            where, len(undefined), ", ".join(undefined[:4]) + (" ..." if len(undefined) > 4 else ""),
+        )  # fmt: skip
+    return metrics, hist, rows
+
+
+class _GoldRange:
+    """Smallest and largest gold label seen (merge: min / max)."""
+
+    def __init__(self) -> None:
+        self.low, self.high = np.inf, -np.inf
+
+    def update(self, gold: np.ndarray) -> None:
+        if len(gold):
+            self.low, self.high = min(self.low, gold.min()), max(self.high, gold.max())
+
+    def check(self, task: str, where: str, rows: int) -> None:
+        """One class or one gold value: the metrics are trivial (accuracy 1.0) or undefined."""
+        if self.low != self.high:
+            return
+        if task == "classification":
+            raise DataError(
+                f"{where}: all {rows} pairs have label {self.low:g}; classification metrics need "
+                "both classes (accuracy and AP would be trivially perfect, ROC-AUC undefined)"
+            )
+        raise DataError(
+            f"{where}: all {rows} pairs have gold score {self.low:g}; a correlation with a "
+            "constant is undefined"
+        )
 
 
 def _check_binary(gold: np.ndarray, where: str, offset: int) -> None:
@@ -215,6 +258,37 @@ def judged_queries(
         )
     keep = [i for i, q in enumerate(query_ids) if q in qrels]
     return [query_ids[i] for i in keep], [query_texts[i] for i in keep]
+
+
+def warn_missing_documents(
+    qrels: Mapping[str, Mapping[str, int]], corpus_ids: Any, *, where: str = "the corpus"
+) -> int:
+    """Log a warning (count and an example id) when relevant documents of the qrels are not in
+    the corpus: they can never be retrieved, so recall, nDCG and MAP count them as misses, as
+    the reference evaluators do. -> the number of such documents."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    relevant = sorted({str(d) for docs in qrels.values() for d, g in docs.items() if g > 0})
+    if not relevant:
+        return 0
+    known = (
+        corpus_ids if isinstance(corpus_ids, pa.Array) else pa.array(list(corpus_ids), pa.string())
+    )
+    present = pc.is_in(pa.array(relevant, known.type), value_set=known).to_numpy(
+        zero_copy_only=False
+    )
+    missing = [d for d, ok in zip(relevant, present, strict=True) if not ok]
+    if missing:
+        gone = set(missing)
+        queries = sum(1 for docs in qrels.values() if any(str(d) in gone for d in docs))
+        logger.warning(
+            "qrels name %d relevant document(s) that are not in %s, e.g. %r (%d judged queries "
+            "affected); they can never be retrieved and count as misses in recall, nDCG and MAP; "
+            "are the qrels and corpus from the same dataset?",
+            len(missing), where, missing[0], queries,
+        )  # fmt: skip
+    return len(missing)
 
 
 def normalize_qrels(relevant: Mapping[Any, Any]) -> dict[str, dict[str, int]]:

@@ -38,9 +38,18 @@ from evalkit.evaluation.engine import (
     normalize_qrels,
     pairs_pass,
     retrieval_pass,
+    warn_missing_documents,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _check_strings(texts: Mapping[Any, Any], what: str) -> None:
+    """Texts given in memory must be str: str(b'...') or str(42) would embed something else."""
+    for key, text in texts.items():
+        if not isinstance(text, str):
+            kind = "null" if text is None else f"a {type(text).__name__}"
+            raise DataError(f"{what}[{key!r}] is {kind}, not a string")
 
 
 def _encoder(model: Any, cache: Any, batch_size: int) -> Any:
@@ -254,17 +263,22 @@ class _RetrievalEvaluator(_Reporting):
             else beir.load_qrels(relevant_docs)
         )
         if isinstance(queries, Mapping):
-            qids, qtexts = [str(q) for q in queries], [str(t) for t in queries.values()]
+            _check_strings(queries, "queries")
+            qids, qtexts = [str(q) for q in queries], list(queries.values())
         else:
             qids, qtexts = beir.load_queries(queries)
         self.query_ids, self.query_texts = judged_queries(self.qrels, qids, qtexts)
         self.corpus = corpus
         if isinstance(corpus, Mapping):
-            self.n_docs = len(corpus)
+            _check_strings(corpus, "corpus")
+            doc_ids = [str(d) for d in corpus]
         else:
-            self.n_docs = len(beir.corpus_ids(corpus, **source_options))  # checks ids once
+            doc_ids = beir.corpus_ids(corpus, **source_options)  # checks ids once
+        self.n_docs = len(doc_ids)
         if self.n_docs == 0:
             raise DataError("the corpus has no documents")
+        where = "the corpus" if isinstance(corpus, Mapping) else str(corpus)
+        warn_missing_documents(self.qrels, doc_ids, where=where)
         self.dialect, self.name, self.batch_size, self.cache = dialect, name, batch_size, cache
         self.corpus_block, self.ignore_identical_ids = corpus_block, ignore_identical_ids
         self.show_progress_bar, self.write_csv, self.source_options = (
@@ -284,7 +298,7 @@ class _RetrievalEvaluator(_Reporting):
             ids = list(self.corpus)
             for start in range(0, len(ids), self.corpus_block):
                 chunk = ids[start : start + self.corpus_block]
-                yield [str(i) for i in chunk], [str(self.corpus[i]) for i in chunk]
+                yield [str(i) for i in chunk], [self.corpus[i] for i in chunk]
             return
         from evalkit.data import beir
 

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from evalkit._io import out_dir_problem
 from evalkit.data.pairs import iter_pair_batches
 from evalkit.embed.encoder import StreamingEncoder
 from evalkit.errors import DataError, EvalkitError
@@ -45,6 +46,7 @@ from evalkit.evaluation.engine import (
     judged_queries,
     pairs_pass,
     retrieval_pass,
+    warn_missing_documents,
 )
 
 __all__ = ["evaluate_pairs", "evaluate_retrieval"]
@@ -91,6 +93,8 @@ def evaluate_pairs(
 
     if task not in PAIR_TASKS:
         raise EvalkitError(f"task must be one of {', '.join(PAIR_TASKS)}; got {task!r}")
+    if out is not None and (problem := out_dir_problem(out)):
+        raise EvalkitError(problem)
     t0 = time.perf_counter()
     batches = iter_pair_batches(
         data, left=left, right=right, label=label, batch_size=read_batch_size, **source_options
@@ -193,13 +197,18 @@ def evaluate_retrieval(
     ks = check_k_values(k_values)
     if corpus_block <= 0:
         raise EvalkitError(f"corpus_block must be a positive integer; got {corpus_block!r}")
+    if out is not None and (problem := out_dir_problem(out)):
+        raise EvalkitError(problem)
     t0 = time.perf_counter()
     judged = beir.load_qrels(qrels)
     all_ids, all_texts = beir.load_queries(queries)
     qids, qtexts = judged_queries(judged, all_ids, all_texts, where=str(queries))
-    n_docs = len(beir.corpus_ids(corpus, **source_options))
+    doc_ids = beir.corpus_ids(corpus, **source_options)
+    n_docs = len(doc_ids)
     if n_docs == 0:
         raise DataError(f"corpus {corpus} has no documents")
+    warn_missing_documents(judged, doc_ids, where=str(corpus))
+    del doc_ids
     t_read = time.perf_counter() - t0
 
     with _encoder(model, cache, device, batch_size) as encoder:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from evalkit._io import out_dir_problem
 from evalkit.embed.shards import (
     _SHARD_GLOB,
     DEFAULT_ROWS_PER_SHARD,
@@ -124,14 +125,18 @@ def run_precompute(
     _check_args(dtype, batch_size, rows_per_shard)
     window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EvalkitError(f"--out {out} is a file; give a directory")
+    if problem := out_dir_problem(out):
+        raise EvalkitError(problem)
     t_start = time.perf_counter()
+    columns = [column] + ([id_column] if id_column and id_column != column else [])
+    _check_input(data, column, columns, source_options)
     try:
         input_fp = data_fingerprint(data)
     except TypeError:
         input_fp = None
     rows = arrow.count_rows(data, **source_options)
+    if rows == 0:
+        raise DataError(f"{data} has no rows to encode")
     store = None if cache is False else EmbeddingStore(cache, dtype=dtype)
     encoder = StreamingEncoder(model, store=store, batch_size=batch_size, window=window, prompt=prompt,
                                prompt_name=prompt_name, normalize=normalize, device=device, dtype=dtype)  # fmt: skip
@@ -143,10 +148,11 @@ def run_precompute(
         manifest.setdefault("runs", []).append(
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
         )
-        columns = [column] + ([id_column] if id_column and id_column != column else [])
 
-        def batches():
-            return arrow.iter_batches(data, columns=columns, **source_options)
+        def batches():  # the text column as valid UTF-8 strings (evalkit.data.text)
+            return arrow.iter_batches(
+                data, columns=columns, text_columns=[column], **source_options
+            )
 
         done, changed = _resumable(out, manifest, plan, batches, column, id_column)
         todo = [r for r in plan if r not in done]
@@ -168,6 +174,18 @@ def run_precompute(
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     return manifest
+
+
+def _check_input(data: Any, column: str, columns: list[str], options: dict[str, Any]) -> None:
+    """Before any model loads: the columns exist, the text column holds text (never str() of
+    bytes or numbers, see evalkit.data.text), and the first batch has no null or bad UTF-8."""
+    from evalkit.data import readers
+
+    batches = readers.iter_batches(data, columns=columns, text_columns=[column], **options)
+    first = next(batches, None)
+    if first is not None and first.column(column).null_count:
+        row = int(first.column(column).is_null().to_numpy(zero_copy_only=False).argmax())
+        raise DataError(f"{data}: row {row} has a null {column!r}; drop or fill it first")
 
 
 def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:

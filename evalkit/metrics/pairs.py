@@ -80,6 +80,10 @@ def pair_scores(
     return out
 
 
+def _show(value: float) -> str:
+    return "NaN" if np.isnan(value) else str(float(value))
+
+
 def _check_scores(scores: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     if not isinstance(scores, Mapping) or not scores:
         raise EvalkitError("scores must be a non-empty dict of name -> 1-D array (see pair_scores)")
@@ -90,10 +94,9 @@ def _check_scores(scores: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndar
             values = values.astype(np.float64)
         if values.shape != (n,):
             raise EvalkitError(f"scores[{name!r}] has shape {values.shape}; expected ({n},)")
-        if values.dtype.kind == "f" and np.isnan(values).any():
-            raise EvalkitError(
-                f"scores[{name!r}] contains NaN at row {int(np.argmax(np.isnan(values)))}"
-            )
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            i = int(np.argmin(np.isfinite(values)))
+            raise EvalkitError(f"scores[{name!r}] contains {_show(values[i])} at row {i}")
         out[name] = values
     return out
 
@@ -214,8 +217,9 @@ class SimilarityMetrics(_PairSpill):
 
     def update(self, scores: Mapping[str, np.ndarray], gold: Sequence[float] | np.ndarray) -> None:
         gold = np.asarray(gold, dtype=np.float64).ravel()
-        if np.isnan(gold).any():
-            raise EvalkitError(f"gold contains NaN at row {int(np.argmax(np.isnan(gold)))}")
+        if not np.isfinite(gold).all():  # an inf gold score makes Pearson 1.0 or NaN
+            i = int(np.argmin(np.isfinite(gold)))
+            raise EvalkitError(f"gold contains {_show(gold[i])} at row {i}; gold must be finite")
         checked = _check_scores(scores, len(gold))
         if len(gold) == 0:
             return
@@ -403,6 +407,7 @@ class ClassificationMetrics(_PairSpill):
             auc2 += float(np.sum(np.diff(fps) * (tps[:-1] + tps[1:]).astype(np.float64)))
             prev_tp, prev_n, prev_recall = int(tp[-1]), int(cnt[-1]), float(recalls[-1])
         sign = 1.0 if name in DISTANCES else -1.0
+        # ROC-AUC of a single class is undefined: NaN here, null in every JSON evalkit writes
         out = {
             "accuracy": best_acc / n,
             "accuracy_threshold": float(sign * acc_thr),
