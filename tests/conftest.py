@@ -20,12 +20,21 @@ os.environ.setdefault(
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EVALKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# .ci/run sets it: in CI the real-data tests must run, so a missing folder fails them.
+REQUIRE_SHARED_DATA = os.environ.get("EVALKIT_REQUIRE_SHARED_DATA", "") not in ("", "0")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real public benchmark data); tests that need it skip when it is absent."""
+    """../shared/data (real public benchmark data); tests that need it skip when it is absent,
+    and fail instead when EVALKIT_REQUIRE_SHARED_DATA=1 (CI), so CI never passes by skipping."""
     if not SHARED_DATA.is_dir():
+        if REQUIRE_SHARED_DATA:
+            pytest.fail(
+                f"real data folder {SHARED_DATA} is absent, and EVALKIT_REQUIRE_SHARED_DATA is "
+                "set: CI must run the real-data tests (point EVALKIT_SHARED_DATA at the data)",
+                pytrace=False,
+            )
         pytest.skip(
             f"real data folder {SHARED_DATA} is absent (it exists on dev machines and in CI)"
         )

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a newline or carriage return quoted from a garbled file) escaped, so
+    the message stays one line whatever it quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except EvalkitError as exc:
-        print(f"evalkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"evalkit {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:  # disk full, permissions changed mid-run, ...: one line, not a traceback
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"evalkit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        message = _one_line(f"{exc.strerror or exc}{where}")
+        print(f"evalkit {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"evalkit {args.command}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ imported until the command runs.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,29 +193,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     from evalkit.train.fit import fit, setup_distributed
 
-    # Under torchrun every process runs this command: rank 0 converts the data, the rest wait.
     ddp, _ = setup_distributed(args.device)
     main = ddp.rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        train_file = _prepare_data(args, out)
-        args.label_scale = _check_labels(train_file, args)
-    if ddp.world > 1:
-        import torch.distributed as dist
+    train_file, dataset, evaluator = _at_the_door(args, out, ddp)
 
-        scale = [args.label_scale]
-        dist.broadcast_object_list(scale, src=0)
-        args.label_scale = scale[0]
-        if not main:
-            train_file = _prepare_data(args, out, convert=False)
-
-    from evalkit.data.dataset import PairDataset
     from evalkit.embed.models import load_model
 
-    dataset = PairDataset(train_file, [args.left, args.right], args.label)
     model = load_model(args.model, device="cpu")
     loss = _build_loss(args, model)
-    evaluator = _build_evaluator(args)
     if main:
         (out / "train_args.json").write_text(
             dumps_json({**vars(args), "func": None, "train_file": str(train_file)}, default=str)
@@ -255,7 +241,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_data(args: argparse.Namespace, out: Path, *, convert: bool = True) -> Path:
+def _at_the_door(args: argparse.Namespace, out: Path, ddp: Any) -> tuple[Path, Any, Any]:
+    """Every data check, before any model loads: convert, labels, nulls, the evaluation data.
+    A failure removes the OUT folder this run created; notes print only once all checks pass.
+    Under torchrun every process runs this: rank 0 converts the data, the rest wait."""
+    from evalkit.data.dataset import PairDataset
+    from evalkit.data.readers import count_rows
+
+    main = ddp.rank == 0
+    created = main and not out.exists()
+    notes: list[str] = []
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            train_file = _prepare_data(args, out, notes=notes)
+            if count_rows(train_file) == 0:
+                raise DataError(f"{args.data} has no rows to train on")
+            args.label_scale = _check_labels(train_file, args, notes)
+        if ddp.world > 1:
+            import torch.distributed as dist
+
+            scale = [args.label_scale]
+            dist.broadcast_object_list(scale, src=0)
+            args.label_scale = scale[0]
+            if not main:
+                train_file = _prepare_data(args, out, convert=False)
+        dataset = PairDataset(train_file, [args.left, args.right], args.label)
+        nulls = dataset.null_rows()
+        if len(nulls):
+            columns = ", ".join(c for c in (args.left, args.right, args.label) if c)
+            raise DataError(
+                f"row {int(nulls[0])} of {train_file} has a null in {columns} ({len(nulls)} such "
+                "rows); drop them first (evalkit convert --on-null skip) or fill them"
+            )
+        evaluator = _build_evaluator(args)
+    except EvalkitError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    for note in notes:
+        print(note, file=sys.stderr)
+    return train_file, dataset, evaluator
+
+
+def _prepare_data(
+    args: argparse.Namespace, out: Path, *, convert: bool = True, notes: list[str] | None = None
+) -> Path:
     """An Arrow IPC file is trained on in place; anything else is converted into OUT/train.arrow."""
     src = Path(args.data)
     if src.suffix.lower() in ARROW_SUFFIXES and src.is_file():
@@ -263,8 +294,9 @@ def _prepare_data(args: argparse.Namespace, out: Path, *, convert: bool = True) 
     dest = out / "train.arrow"
     if not convert:
         return dest
+    notes = notes if notes is not None else []
     if args.resume and dest.is_file():
-        print(f"reusing {dest} (converted by the run being resumed)", file=sys.stderr)
+        notes.append(f"reusing {dest} (converted by the run being resumed)")
         return dest
     from evalkit.data.convert import convert as convert_source
 
@@ -278,11 +310,11 @@ def _prepare_data(args: argparse.Namespace, out: Path, *, convert: bool = True) 
         progress=not args.no_progress,
         **source_options(args),
     )
-    print(f"converted {result.rows:,} rows of {args.data} into {dest}", file=sys.stderr)
+    notes.append(f"converted {result.rows:,} rows of {args.data} into {dest}")
     return dest
 
 
-def _check_labels(path: Path, args: argparse.Namespace) -> float | None:
+def _check_labels(path: Path, args: argparse.Namespace, notes: list[str]) -> float | None:
     """Fail at the door when labels cannot be what the loss expects; -> the label scale to use."""
     auto = args.label_scale == "auto"
     if not args.label or args.loss not in ("cosine", "contrastive"):
@@ -314,10 +346,9 @@ def _check_labels(path: Path, args: argparse.Namespace) -> float | None:
         if -1 <= low and high <= 1:
             return None
         scale = float(max(abs(low), abs(high)))
-        print(
+        notes.append(
             f"{args.label} ranges {low:g}..{high:g}; cosine targets lie in [-1, 1], so scores are "
-            f"divided by {scale:g} (set --label-scale to choose)",
-            file=sys.stderr,
+            f"divided by {scale:g} (set --label-scale to choose)"
         )
         return scale
     if low / args.label_scale < -1 or high / args.label_scale > 1:

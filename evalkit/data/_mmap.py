@@ -78,7 +78,7 @@ class IpcFile:
                 self.schema = batches.schema
             for batch in batches:
                 if validate == "full":
-                    _validate_full(batch, path, sum(lengths))
+                    validate_full(batch, path, sum(lengths))
                 else:
                     batch.validate()
                 in_map = self._in_map(batch)
@@ -131,9 +131,10 @@ class IpcFile:
         return b, rows - self.starts[b]
 
 
-def _validate_full(batch: pa.RecordBatch, path: str, first_row: int) -> None:
-    """Offsets within their buffers and valid UTF-8 strings, or a DataError naming the column
-    (and for bad UTF-8 the row): the gathers below trust every offset they read."""
+def validate_full(batch: pa.RecordBatch, path: str, first_row: int) -> None:
+    """Offsets within their buffers and valid UTF-8 strings (`validate(full=True)`), or a
+    DataError naming the column (and for bad UTF-8 the row); `first_row` is the row of batch[0].
+    Anything that reads Arrow IPC data in place calls this first."""
     try:
         batch.validate(full=True)
         return
@@ -152,7 +153,8 @@ def _validate_full(batch: pa.RecordBatch, path: str, first_row: int) -> None:
                 ) from None
             raise DataError(
                 f"{path} is a corrupt Arrow file: column {name!r} (batch starting at row "
-                f"{first_row}) fails validation ({message}); re-create it"
+                f"{first_row}) fails validation ({message}); it cannot be read safely: re-create "
+                "it (e.g. evalkit convert from the original data)"
             ) from None
     batch.validate(full=True)  # the batch itself is bad (raises)
 

@@ -201,13 +201,14 @@ def _iter_corpus_arrow(
 
 
 def check_corpus(path: str | os.PathLike, **source_options: Any) -> None:
-    """Cheap checks before any model loads: the corpus exists, and its first document (JSON Lines)
-    or its columns and their types (tables) are usable. Reads one line or the schema only."""
+    """Cheap checks before any model loads: the corpus exists, is not empty, and its first
+    document (and for tables the columns and their types) is usable. Reads one document only."""
     path = os.fspath(path)
     if "://" not in path:
         _check_file(path, "corpus")
     first = iter_corpus(path, batch_size=1, **source_options)
-    next(first, None)
+    if next(first, None) is None:
+        raise DataError(f"corpus {path} has no documents")
     first.close()
 
 

@@ -3,8 +3,9 @@
 1) Open the source with `evalkit.data.readers` (files, globs, URIs, in-memory tables; format
    from `format=` or the extensions) and plan the scan: selected and renamed columns, the
    filter and the text columns must exist; a mistake names the real columns.
-2) Scan record batches in input order (small read-ahead), apply the null policy to text
-   columns, and write each batch to a temporary IPC file next to DEST.
+2) Scan record batches in input order (small read-ahead; Arrow sources fully validated), check
+   that text columns are valid UTF-8, apply the null policy to them, and write each batch to a
+   temporary IPC file next to DEST (checked writable before anything is read).
 3) On success fsync and `os.replace(temp, DEST)`; on any failure remove the temp, so DEST is never
    partial.
 """
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 from evalkit._io import out_file_problem
 from evalkit.data.readers import _check_batch_size, _Scan
 from evalkit.data.sources import Opened, is_text, missing_column, open_any
+from evalkit.data.text import as_text
 from evalkit.errors import DataError, EvalkitError
 
 NULL_POLICIES = ("keep", "error", "skip", "empty")
@@ -88,13 +90,14 @@ def convert(
     if problem := out_file_problem(dest, "DEST"):
         raise EvalkitError(problem)
     started = time.perf_counter()
-    opened = open_any(source, **source_options)
+    as_strings = _source_names(text_columns, rename)  # CSV/TSV: no number inference for these
+    opened = open_any(source, text_columns=as_strings, **source_options)
     aliases = {new: old for old, new in _pairs(rename)}
     scan = _Scan(opened, columns, filter, batch_size, aliases)
     names = _output_names(scan.schema.names, rename, opened)
     renamed = _renamed(scan.schema, names)
     texts = _text_columns(renamed, text_columns, rename)
-    schema = _writable(renamed)
+    schema = _writable(renamed, texts)
     total = _cheap_total(opened, scan) if progress else None
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +150,16 @@ def _pairs(rename: Any) -> list[tuple[str, str]]:
     return list(rename.items()) if isinstance(rename, Mapping) else [tuple(p) for p in rename]
 
 
+def _source_names(text_columns: Any, rename: Any) -> list[str]:
+    """The source names the text columns may have (given as output or source names)."""
+    if text_columns is None:
+        return []
+    if isinstance(text_columns, str):
+        text_columns = [c.strip() for c in text_columns.split(",")]
+    back = {new: old for old, new in _pairs(rename)}
+    return sorted({c for col in text_columns for c in (col, back.get(col, col))})
+
+
 def _text_columns(schema: pa.Schema, text_columns: Any, rename: Any) -> list[str]:
     if text_columns is None:
         return [f.name for f in schema if is_text(f.type)]
@@ -159,18 +172,37 @@ def _text_columns(schema: pa.Schema, text_columns: Any, rename: Any) -> list[str
         if name not in schema.names:
             raise DataError(missing_column(col, "the output", schema.names))
         dtype = schema.field(name).type
-        if not is_text(dtype):
+        if not (is_text(dtype) or pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)):
             raise DataError(f"text column '{name}' holds {dtype}, not text")
-        out.append(name)
+        out.append(name)  # binary is decoded strictly as UTF-8 (evalkit.data.text.as_text)
     return out
 
 
-def _writable(schema: pa.Schema) -> pa.Schema:
-    """The IPC file format cannot replace dictionaries between batches: store their values."""
-    fields = [
-        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
-    ]
+def _writable(schema: pa.Schema, texts: list[str]) -> pa.Schema:
+    """The IPC file format cannot replace dictionaries between batches: store their values.
+    Text columns read as binary are written as the strings they decode to."""
+    fields = []
+    for f in schema:
+        if pa.types.is_dictionary(f.type):
+            f = f.with_type(f.type.value_type)
+        if f.name in texts and pa.types.is_binary(f.type):
+            f = f.with_type(pa.string())
+        elif f.name in texts and pa.types.is_large_binary(f.type):
+            f = f.with_type(pa.large_string())
+        fields.append(f)
     return pa.schema(fields, metadata=schema.metadata)
+
+
+def _checked_texts(batch: pa.RecordBatch, texts: list[str], label: str, seen: int):
+    """Text columns as valid UTF-8 strings (binary decoded strictly), or a DataError naming the
+    first bad row: a JSON source can hand over invalid UTF-8 as strings."""
+    if not texts:
+        return batch
+    arrays = list(batch.columns)
+    for name in texts:
+        i = batch.schema.get_field_index(name)
+        arrays[i] = as_text(arrays[i], label, name, seen)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
 def _apply_null_policy(
@@ -232,11 +264,21 @@ def _progress(total: int | None, enabled: bool, label: str) -> Any:
 
 def _write(tmp, scan, schema, names, texts, nulls, opened, total, progress, stream) -> int:
     """Scan batches into the IPC file `tmp` (renamed, null policy applied); -> rows written."""
+    bar = _progress(total, progress, opened.label)
+    try:
+        return _write_batches(tmp, scan, schema, names, texts, nulls, opened, bar, stream)
+    except BaseException:
+        bar.leave = False  # the error is the last word, not a half-filled bar
+        raise
+    finally:
+        bar.close()
+
+
+def _write_batches(tmp, scan, schema, names, texts, nulls, opened, bar, stream) -> int:
     on_null, filter = nulls
     rows = 0
-    bar = _progress(total, progress, opened.label)
     pool = pa.default_memory_pool()
-    with bar, pa.OSFile(str(tmp), "wb") as sink:
+    with pa.OSFile(str(tmp), "wb") as sink:
         new_writer = pa.ipc.new_stream if stream else pa.ipc.new_file
         with new_writer(sink, schema) as writer:
             seen = 0  # rows read after the filter, for error messages
@@ -244,6 +286,7 @@ def _write(tmp, scan, schema, names, texts, nulls, opened, total, progress, stre
                 read = batch.num_rows
                 if names:
                     batch = batch.rename_columns(names)
+                batch = _checked_texts(batch, texts, opened.label, seen)
                 batch = _apply_null_policy(batch, texts, on_null, seen, opened, filter)
                 if batch.schema != schema:
                     batch = batch.cast(schema)

@@ -215,6 +215,11 @@ class PairDataset(_MappedDataset):
             "on_null": self.on_null,
         }
 
+    def null_rows(self) -> np.ndarray:
+        """Sorted file rows that have a null text or label (whatever `on_null` says); one
+        vectorised pass over the null bitmaps, computed once."""
+        return self._skip_index()
+
     def _skip_index(self) -> np.ndarray:
         """Sorted file rows with a null text or label (vectorised, per batch; computed once)."""
         if self._skipped is None:

@@ -58,6 +58,6 @@ def check_finite_labels(gold: np.ndarray, where: str, label: str, first_row: int
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"{where}: row {first_row + i} has label {label!r} = {gold[i]!r}; labels must be "
+            f"{where}: row {first_row + i} has label {label!r} = {float(gold[i])}; labels must be "
             "finite numbers (drop or fix that row)"
         )

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from evalkit.data._mmap import validate_full
 from evalkit.data.filters import _parse_filter
 from evalkit.data.sources import Opened, first_line, missing_column, open_any, open_error
 from evalkit.data.text import as_text, check_text_types
@@ -119,11 +120,15 @@ def open_ipc(path: str | os.PathLike[str]) -> pa.Table:
             table = pa.ipc.open_file(mm).read_all()
         else:
             table = pa.ipc.open_stream(mm).read_all()
-        table.validate(full=True)  # offsets in bounds, UTF-8: reading a bad one would segfault
+        table.validate()
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
             f"{p} is corrupt or truncated, not a readable Arrow IPC file ({first_line(exc)})"
         ) from exc
+    row = 0
+    for batch in table.to_batches():  # offsets in bounds, UTF-8: a bad one would segfault later
+        validate_full(batch, p, row)
+        row += batch.num_rows
     return table
 
 
@@ -217,14 +222,10 @@ def _validated_ipc(
             fragment_readahead=_FRAGMENT_READAHEAD,
             use_threads=False,
         )
+        row = 0
         for batch in batches:
-            try:
-                batch.validate(full=True)
-            except pa.ArrowInvalid as exc:
-                raise DataError(
-                    f"{opened.label} is a corrupt Arrow file ({first_line(exc)}); it cannot be "
-                    "read safely: recreate it (e.g. evalkit convert from the original data)"
-                ) from None
+            validate_full(batch, opened.label, row)
+            row += batch.num_rows
             yield batch
 
     return generate(), schema

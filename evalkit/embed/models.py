@@ -73,8 +73,9 @@ def load_model(
         Exception
     ) as exc:  # a damaged folder raises anything: OSError, SafetensorError, KeyError...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        where = repr(model) if os.fspath(model or "") == path else f"{model!r} ({path})"
         raise EvalkitError(
-            f"cannot load model {model!r} ({path}): {type(exc).__name__}"
+            f"cannot load model {where}: {type(exc).__name__}"
             f"{': ' + detail if detail else ''}; give an intact local sentence-transformers model "
             "directory (nothing is downloaded at run time)"
         ) from exc

@@ -274,6 +274,7 @@ class _RetrievalEvaluator(_Reporting):
             doc_ids = [str(d) for d in corpus]
         else:
             doc_ids = beir.corpus_ids(corpus, **source_options)  # checks ids once
+            beir.check_corpus(corpus, **source_options)  # and the first document, now
         self.n_docs = len(doc_ids)
         if self.n_docs == 0:
             raise DataError("the corpus has no documents")

@@ -209,6 +209,7 @@ def evaluate_retrieval(
         raise DataError(f"corpus {corpus} has no documents")
     warn_missing_documents(judged, doc_ids, where=str(corpus))
     del doc_ids
+    beir.check_corpus(corpus, **source_options)  # its first document, before any model loads
     t_read = time.perf_counter() - t0
 
     with _encoder(model, cache, device, batch_size) as encoder:
