@@ -148,24 +148,17 @@ def test_damaged_files_of_every_format(tmp_path, capsys, fmt, damage, command):
     assert leftovers(tmp_path, {src.name, "queries.jsonl", "qrels.tsv"}) == []
 
 
-def _content_table(fault: str, fmt: str) -> pa.Table | None:
+def _content_table(fault: str) -> pa.Table:
     cols = good_columns()
-    bad = [None] + cols["a"][1:]
     if fault == "no_rows":
         return pa.table(cols).slice(0, 0)
     if fault == "missing_column":
         return pa.table({k: v for k, v in cols.items() if k not in ("b", "text")})
     if fault == "number_text":
-        if fmt in ("csv", "tsv"):
-            return None  # digits in a CSV are text, kept exactly (tests/data/test_text_integrity)
         cols["b"] = cols["text"] = list(range(N))
     if fault == "null_text":
-        if fmt in ("csv", "tsv"):
-            return None  # an empty CSV field is empty text
-        cols["b"] = cols["text"] = bad
+        cols["b"] = cols["text"] = [None] + cols["b"][1:]
     if fault == "inf_label":
-        if fmt == "jsonl":
-            return None  # JSON has no infinity
         cols["score"] = [float("inf")] + cols["score"][1:]
     return pa.table(cols)
 
@@ -180,7 +173,7 @@ CONTENT = {  # fault -> (commands it concerns, text expected in the one line)
 }
 
 
-def _bad_utf8(fmt: str, folder: Path) -> Path | None:
+def _bad_utf8(fmt: str, folder: Path) -> Path:
     path = folder / f"data.{fmt}"
     cols = good_columns()
     if fmt in ("csv", "tsv", "jsonl"):
@@ -188,8 +181,6 @@ def _bad_utf8(fmt: str, folder: Path) -> Path | None:
         data = path.read_bytes().replace(b"right text 3", b"r\xe9ght text 3")
         path.write_bytes(data.replace(b"document 3", b"docum\xe9nt 3"))
         return path
-    if fmt in ("feather", "arrows", "orc"):
-        return None  # binary columns: covered by parquet and arrow below
     if fmt == "arrow":
         # A string column whose bytes are not UTF-8: refused by full validation
         data = "".join(cols["b"]).encode().replace(b"right text 3", b"r\xe9ght text 3")
@@ -205,18 +196,26 @@ def _bad_utf8(fmt: str, folder: Path) -> Path | None:
     return write_table(pa.table(cols), path, fmt)
 
 
-@pytest.mark.parametrize("fault", list(CONTENT))
-@pytest.mark.parametrize("fmt", FORMATS)
+# Not faults, or not writable, in some formats: digits in a CSV are text (kept exactly, see
+# tests/data/test_text_integrity.py) and an empty CSV field is empty text; JSON has no infinity
+# and an empty JSON Lines file is the "empty" damage above; Feather/ORC/Arrow streams stand for
+# binary text columns no differently than Parquet and Arrow files do.
+NOT_APPLICABLE = {
+    ("csv", "number_text"), ("tsv", "number_text"), ("csv", "null_text"), ("tsv", "null_text"),
+    ("jsonl", "inf_label"), ("jsonl", "no_rows"),
+    ("arrows", "bad_utf8"), ("feather", "bad_utf8"), ("orc", "bad_utf8"),
+}  # fmt: skip
+CONTENT_CASES = [(f, x) for f in FORMATS for x in CONTENT if (f, x) not in NOT_APPLICABLE]
+
+
+@pytest.mark.parametrize(("fmt", "fault"), CONTENT_CASES)
 def test_bad_contents_are_named_before_the_model_loads(tmp_path, capsys, fmt, fault):
     """why: a wrong number with exit 0 (numbers or bytes embedded as str(), an inf label), a
     traceback, or the model loaded (minutes) before a problem visible in the first rows."""
     if fault == "bad_utf8":
         src = _bad_utf8(fmt, tmp_path)
     else:
-        table = _content_table(fault, fmt)
-        src = None if table is None else write_table(table, tmp_path / f"data.{fmt}", fmt)
-    if src is None or (fault == "no_rows" and fmt == "jsonl"):
-        pytest.skip(f"{fault} cannot be written as {fmt} (or is not a fault there)")
+        src = write_table(_content_table(fault), tmp_path / f"data.{fmt}", fmt)
     wanted, expected = CONTENT[fault]
     for command in wanted:
         argv = commands(src, tmp_path)[command]
