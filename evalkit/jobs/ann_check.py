@@ -114,15 +114,8 @@ def ann_check(
         if embeddings is not None:
             blocks, n_rows, fingerprint = _embedding_blocks(embeddings, fingerprint, force)
         else:
-            blocks, n_rows = _encoded_blocks(
-                corpus,
-                encoder.encode,
-                Path(scratch),
-                corpus_block,
-                progress,
-                door_ids,
-                **source_options,
-            )
+            blocks, n_rows = _encoded_blocks(corpus, encoder.encode, Path(scratch), corpus_block,
+                                             progress, door_ids, **source_options)  # fmt: skip
         holdout, sample_ids = None, None
         if queries is None:
             holdout, q_emb, sample_ids = _sample_queries(blocks, n_rows, n_queries, seed)

@@ -128,8 +128,7 @@ def run_precompute(
     if problem := out_dir_problem(out):
         raise EvalkitError(problem)
     t_start = time.perf_counter()
-    columns = [column] + ([id_column] if id_column and id_column != column else [])
-    _check_input(data, column, columns, source_options)
+    batches = _checked_input(data, column, id_column, source_options)
     try:
         input_fp = data_fingerprint(data)
     except TypeError:
@@ -148,11 +147,6 @@ def run_precompute(
         manifest.setdefault("runs", []).append(
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
         )
-
-        def batches():  # the text column as valid UTF-8 strings (evalkit.data.text)
-            return arrow.iter_batches(
-                data, columns=columns, text_columns=[column], **source_options
-            )
 
         done, changed = _resumable(out, manifest, plan, batches, column, id_column)
         todo = [r for r in plan if r not in done]
@@ -176,16 +170,23 @@ def run_precompute(
     return manifest
 
 
-def _check_input(data: Any, column: str, columns: list[str], options: dict[str, Any]) -> None:
-    """Before any model loads: the columns exist, the text column holds text (never str() of
-    bytes or numbers, see evalkit.data.text), and the first batch has no null or bad UTF-8."""
+def _checked_input(data: Any, column: str, id_column: str | None, options: dict[str, Any]):
+    """-> a function returning a fresh scan of the input's text (and id) columns, the text as
+    valid UTF-8 strings (never str() of bytes or numbers, see evalkit.data.text). Checked now,
+    before any model loads: the columns exist, the text column holds text, and the first batch
+    has no null or bad UTF-8."""
     from evalkit.data import readers
 
-    batches = readers.iter_batches(data, columns=columns, text_columns=[column], **options)
-    first = next(batches, None)
+    columns = [column] + ([id_column] if id_column and id_column != column else [])
+
+    def batches() -> Iterator[Any]:
+        return readers.iter_batches(data, columns=columns, text_columns=[column], **options)
+
+    first = next(batches(), None)
     if first is not None and first.column(column).null_count:
         row = int(first.column(column).is_null().to_numpy(zero_copy_only=False).argmax())
         raise DataError(f"{data}: row {row} has a null {column!r}; drop or fill it first")
+    return batches
 
 
 def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:
