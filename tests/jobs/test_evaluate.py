@@ -204,17 +204,18 @@ def test_retrieval_trec_eval_dialect_equals_pytrec_eval(scifact_small, minilm):
 
 
 def test_second_run_is_served_by_the_store(scifact_small, stsb_small, tiny_model_dir, tmp_path):
+    """The embedding store alone (results store off): a second run encodes nothing."""
     folder = scifact_small[0]
     cache = tmp_path / "cache"
-    first = _retrieval(folder, tiny_model_dir, cache=cache)
+    first = _retrieval(folder, tiny_model_dir, cache=cache, results=False)
     assert first["cache"]["misses"] > 0 and first["cache"]["model_loaded"]
-    second = _retrieval(folder, tiny_model_dir, cache=cache)
+    second = _retrieval(folder, tiny_model_dir, cache=cache, results=False)
     assert second["cache"]["misses"] == 0 and second["cache"]["hit_rate"] == 1.0
     assert not second["cache"]["model_loaded"]  # fingerprint from the memo, vectors from the store
     assert second["metrics"] == first["metrics"]
     assert second["model"]["fingerprint"] == first["model"]["fingerprint"]
-    p1 = _pairs(stsb_small, tiny_model_dir, cache=cache)
-    p2 = _pairs(stsb_small, tiny_model_dir, cache=cache)
+    p1 = _pairs(stsb_small, tiny_model_dir, cache=cache, results=False)
+    p2 = _pairs(stsb_small, tiny_model_dir, cache=cache, results=False)
     assert p2["cache"]["misses"] == 0 and p2["metrics"] == p1["metrics"]
 
 
