@@ -11,7 +11,8 @@
 3) The base model is the `model` an evalkit run recorded in train_args.json (none: the packaged
    default); other runs have none unless given. `best/` is taken when the run has finished
    (result.json) or when not watching; its step is result.json's `best_step`.
-4) A run has finished when result.json exists (evalkit train writes it last).
+4) A run has finished when result.json exists (evalkit train writes it last). While watching, a
+   target that is not (yet) a run or model folder is waited for.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def plan(
                 out.append(b)
         elif is_model_dir(path):
             out.append(Candidate(path.name or str(path), path, None, "model"))
+        elif watching:  # a run that has not started writing yet
+            finished = False
         else:
             raise EvalkitError(
                 f"{target} is neither a training run folder (checkpoints/, checkpoint-N/, "

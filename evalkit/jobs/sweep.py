@@ -78,7 +78,7 @@ def sweep(targets: list[Any], task: Any, *, out: str | os.PathLike, **options: A
     if not targets:
         raise EvalkitError("give at least one run folder or model folder to sweep")
     for t in targets:
-        if not Path(t).exists():
+        if not Path(t).exists() and not opts.watch:
             raise EvalkitError(f"{t} does not exist")
     _check_out(Path(out))
     with tempfile.TemporaryDirectory(prefix="evalkit-sweep-") as tmp:
@@ -144,8 +144,13 @@ class _Sweep:
             time.sleep(self.o.poll)
 
     def _finished(self) -> bool:
-        paths = [Path(t) for t in self.targets if runs.is_run_dir(Path(t))]
-        return all(runs.run_finished(p) for p in paths)
+        for t in map(Path, self.targets):
+            if runs.is_run_dir(t):
+                if not runs.run_finished(t):
+                    return False
+            elif not runs.is_model_dir(t):
+                return False  # not started yet
+        return True
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -54,7 +54,9 @@ def _source_settings(source_options: dict[str, Any]) -> dict[str, Any] | None:
     unknown = set(source_options) - set(_SOURCE_KEYS) - {"filesystem"}
     if source_options.get("filesystem") is not None or unknown:
         return None
-    return {k: source_options.get(k) for k in _SOURCE_KEYS}
+    settings = {k: source_options.get(k) for k in _SOURCE_KEYS}
+    settings["quoting"] = source_options.get("quoting", True)  # the readers' default
+    return settings
 
 
 class PairsTask:
