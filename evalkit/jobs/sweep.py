@@ -178,7 +178,7 @@ class _Sweep:
                 c.label,
                 twin.candidate.label,
             )
-            return _Row(c, twin.result, same_as=twin.candidate.label)
+            return _Row(c, self._copy_of(twin, c), same_as=twin.candidate.label)
         logger.info("sweep: %s (%s)", c.label, c.path)
         result = evaluate_task(
             self.task, encoder=encoder, cache=o.cache, results=o.results, recompute=o.recompute,
@@ -187,6 +187,16 @@ class _Sweep:
         row = _Row(c, result)
         self.by_fingerprint.setdefault(result["model"]["fingerprint"], row)
         return row
+
+    def _copy_of(self, twin: _Row, c: runs.Candidate) -> dict[str, Any]:
+        """DIR/evals/<label>/ for a model with a twin's weights: the twin's result, this path."""
+        from evalkit.jobs import report
+
+        folder = self.out / "evals" / c.label
+        result = {**twin.result, "model": {**twin.result["model"], "path": str(c.path)}}
+        result["per_query"] = rs.copy_verified(twin.result["per_query"], folder / rs.PER_ITEM_FILE)
+        result.pop("plots", None)
+        return report.finish(result, folder)
 
     # -- comparisons and files -----------------------------------------------------------------
 
@@ -250,7 +260,7 @@ class _Sweep:
     def _row_json(self, r: _Row) -> dict[str, Any]:
         res, c = r.result, r.candidate
         stored = res.get("results_store") or {}
-        evals = self.out / "evals" / (r.same_as or c.label)
+        evals = self.out / "evals" / c.label
         return {
             "label": c.label, "role": c.role, "step": c.step, "path": str(c.path),
             "model_fingerprint": res["model"]["fingerprint"], "results_key": stored.get("key"),

@@ -44,17 +44,16 @@ def test_sweep_pairs_table_train_equality_and_rerun(
     best_step = json.loads((tiny_run / "result.json").read_text())["best_step"]
     assert rows["best"]["same_as"] == f"step-{best_step}" and rows["best"]["step"] == best_step
     assert "best has the weights of step-30; not evaluated again" in caplog.text
-    assert sorted(p.name for p in (out / "evals").iterdir()) == [
-        "base",
-        "step-10",
-        "step-20",
-        "step-30",
-    ]
+    evals = sorted(p.name for p in (out / "evals").iterdir())
+    assert evals == ["base", "best", "step-10", "step-20", "step-30"]
+    best_eval = json.loads((out / "evals" / "best" / "metrics.json").read_text())
+    assert best_eval["model"]["path"] == str(tiny_run / "best")
+    assert best_eval["metrics"] == rows[f"step-{best_step}"]["metrics"]
     # the numbers `evalkit train --eval-data --eval-every 10` logged, exactly
     logged = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r["eval"] for r in logged if "eval" in r}
-    assert sorted(evals) == [10, 20, 30]
-    for step, scores in evals.items():
+    logged_evals = {r["step"]: r["eval"] for r in logged if "eval" in r}
+    assert sorted(logged_evals) == [10, 20, 30]
+    for step, scores in logged_evals.items():
         metrics = rows[f"step-{step}"]["metrics"]
         assert {f"eval_{k}": v for k, v in metrics.items()} == scores
     # vs base: a paired test per model, Holm-adjusted, stated in the summary
