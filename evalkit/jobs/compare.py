@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ def load_evaluation(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / "metrics.json"
     if not path.is_file():
-        raise EvalkitError(f"{folder} is not an evaluation output folder (no metrics.json)")
+        raise EvalkitError(
+            f"{folder} is not an evaluation output folder (no metrics.json); to compare two "
+            "models, add the data flags (--data F ... or --corpus F --queries F --qrels F)"
+        )
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -157,7 +161,8 @@ def _compute(a, b, names, settings) -> dict[str, dict[str, Any]]:
 
     ids_a, gold_a, va = _items(a)
     ids_b, gold_b, vb = _items(b)
-    if list(ids_a) != list(ids_b) or (gold_a is not None and not np.array_equal(gold_a, gold_b)):
+    same = np.array_equal(np.asarray(ids_a), np.asarray(ids_b))
+    if not same or (gold_a is not None and not np.array_equal(gold_a, gold_b)):
         raise EvalkitError(
             "A and B were scored on different items (pair labels or query ids differ); "
             "a paired comparison needs the same items in the same order"
@@ -210,11 +215,15 @@ def compare(
     ).check()
     folder = rs.results_dir(results, cache)
     store = rs.ResultsStore(folder) if folder is not None else None
-    if task is None:
-        ra, rb = load_evaluation(a), load_evaluation(b)
-    else:
-        ra, rb = (_evaluate(task, m, cache, results, device, batch_size, progress) for m in (a, b))
-    comparisons = compare_results(ra, rb, metrics=metrics, settings=settings, store=store)
+    with tempfile.TemporaryDirectory(prefix="evalkit-compare-") as tmp:
+        if task is None:
+            ra, rb = load_evaluation(a), load_evaluation(b)
+        else:
+            kw = dict(cache=cache, results=results, device=device, batch_size=batch_size,
+                      plots=False, progress=progress)  # fmt: skip
+            ra = _evaluate(task, a, kw, store, Path(tmp) / "a")
+            rb = _evaluate(task, b, kw, store, Path(tmp) / "b")
+        comparisons = compare_results(ra, rb, metrics=metrics, settings=settings, store=store)
     report = {
         "task": ra["task"],
         "difference": "B - A",
@@ -231,18 +240,11 @@ def compare(
     return report
 
 
-def _evaluate(task, model, cache, results, device, batch_size, progress) -> dict[str, Any]:
-    """Evaluate one model on `task`, keeping its per-item file (results store, else a temp dir)."""
-    import tempfile
-
+def _evaluate(task, model, kw: dict[str, Any], store, scratch: Path) -> dict[str, Any]:
+    """Evaluate one model on `task`, keeping its per-item file (results store, else `scratch`)."""
     from evalkit.jobs.evaluate import evaluate_task
 
-    kw = dict(model=model, cache=cache, results=results, device=device, batch_size=batch_size,
-              plots=False, progress=progress)  # fmt: skip
-    if rs.results_dir(results, cache) is not None:
-        return evaluate_task(task, **kw)
-    out = tempfile.mkdtemp(prefix="evalkit-compare-")
-    return evaluate_task(task, out=out, **kw)
+    return evaluate_task(task, model=model, out=None if store is not None else scratch, **kw)
 
 
 def _side(result: dict[str, Any], given: Any) -> dict[str, Any]:

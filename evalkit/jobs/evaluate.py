@@ -237,8 +237,8 @@ def _served(record, task, encoder, store, out, plots, t0) -> dict[str, Any]:
         per_item = rs.copy_verified(per_item, Path(out) / rs.PER_ITEM_FILE)
     result["per_query"] = per_item
     logger.info("%s: from results store (key %s)", task.name, record["key"])
-    if out is not None and plots:
-        curve = record.get("extra", {}).get("recall_curve")
+    curve = record.get("extra", {}).get("recall_curve")
+    if out is not None and plots and (task.kind == "pairs" or curve is not None):
         result["plots"] = _plots(task, result, None, curve, out)
     return report.finish(result, out)
 

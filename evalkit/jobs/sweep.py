@@ -208,11 +208,17 @@ class _Sweep:
         if base is None:
             return None
         family = [r for r in self.rows if r is not base and r.same_as is None]
-        for r in family:
-            r.vs_base = compare_results(
-                base.result, r.result, metrics=[primary], settings=self.settings,
-                store=self.results_store,
-            )[0]  # fmt: skip
+        try:
+            for r in family:
+                r.vs_base = compare_results(
+                    base.result, r.result, metrics=[primary], settings=self.settings,
+                    store=self.results_store,
+                )[0]  # fmt: skip
+        except EvalkitError as exc:  # e.g. a single query: the table stands without the test
+            logger.warning("sweep: no comparison with the base: %s", exc)
+            for r in self.rows:
+                r.vs_base = None
+            return f"none: {exc}"
         adjusted = holm([r.vs_base["p_value"] for r in family])
         for r, p in zip(family, adjusted, strict=True):
             r.vs_base = {**r.vs_base, "p_holm": p}
