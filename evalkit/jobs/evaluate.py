@@ -170,8 +170,6 @@ def evaluate_task(
             record = store.get(identity)
             if record is not None:
                 return _served(record, task, encoder, store, out, plots, t0)
-        if store is not None and identity is None:
-            identity = _identity(task, encoder, load=True)
         scratch = store.scratch() if store is not None else None
         try:
             target = scratch if scratch is not None else (Path(out) if out is not None else None)
@@ -180,6 +178,10 @@ def evaluate_task(
         except BaseException:
             rs.remove_tree(scratch)
             raise
+        if store is not None:
+            # key the result by the fingerprint its vectors were made with: a memoised one is
+            # confirmed (and replaced if stale) when the model loads
+            identity = _identity(task, encoder, load=True)
     result["versions"] = report.versions()
     if store is not None:
         extra = {"recall_curve": curve} if curve is not None else {}

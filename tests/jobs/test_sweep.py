@@ -80,12 +80,23 @@ def test_sweep_pairs_table_train_equality_and_rerun(
     assert all(r["from_results_store"] for r in again["rows"] if not r["same_as"])
 
 
-def test_sweep_retrieval_on_scifact(tiny_run, scifact_small, tmp_path):
-    """Retrieval sweep: per-query files whose means are the metrics, a permutation test vs base,
-    and a compare of two of its folders that agrees with the sweep's row."""
+def test_sweep_retrieval_on_scifact(tiny_run, scifact_small, tmp_path, monkeypatch):
+    """Retrieval sweep: qrels, queries and corpus ids parsed once for all models, per-query files
+    whose means are the metrics, a permutation test vs base, and a compare of two of its folders
+    that agrees with the sweep's row."""
+    from evalkit.data import beir
     from evalkit.jobs.compare import compare
     from evalkit.jobs.results import read_table
 
+    calls = []
+    for name in ("load_qrels", "load_queries", "corpus_ids"):
+        original = getattr(beir, name)
+
+        def counted(*a, _f=original, _n=name, **k):
+            calls.append(_n)
+            return _f(*a, **k)
+
+        monkeypatch.setattr(beir, name, counted)
     folder = scifact_small[0]
     task = RetrievalTask(folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels.tsv")
     out = tmp_path / "sweep"
@@ -93,6 +104,8 @@ def test_sweep_retrieval_on_scifact(tiny_run, scifact_small, tmp_path):
     assert report["primary_metric"] == "cosine_ndcg@10" and report["task"] == "retrieval"
     rows = {r["label"]: r for r in report["rows"]}
     assert "permutation" in rows["step-30"]["vs_base"]["test"]
+    assert sum(not r["same_as"] for r in report["rows"]) == 4  # four models evaluated ...
+    assert sorted(calls) == ["corpus_ids", "load_qrels", "load_queries"]  # ... data parsed once
     result = json.loads((out / "evals" / "step-30" / "metrics.json").read_text())
     table = read_table(
         {**result["per_query"], "path": str(out / "evals/step-30/per_query.parquet")}
