@@ -151,3 +151,23 @@ def test_per_item_files_hold_the_values_behind_the_metrics(
     assert sorted(table.column("query_id").to_pylist()) == sorted(scifact_small[3])
     for key, value in result["metrics"].items():
         assert float(np.mean(table.column(key).to_numpy())) == pytest.approx(value, abs=1e-12)
+
+
+def test_a_stale_memoised_fingerprint_never_keys_a_result(stsb_dev_small, tiny_model_dir, tmp_path):
+    """A fingerprint memo entry that lies (as after a fingerprint scheme change) must not become
+    the key of a result computed with the real weights: the result is keyed by the fingerprint
+    confirmed on the loaded model."""
+    from evalkit.embed import memo
+    from evalkit.embed.encoder import StreamingEncoder
+
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    encoder = StreamingEncoder(str(tiny_model_dir), store=cache)
+    memo.remember(encoder._memo_key, "0" * 32)
+    assert StreamingEncoder(str(tiny_model_dir), store=cache).known_fingerprint == "0" * 32
+    result = _pairs(stsb_dev_small, tiny_model_dir, cache=cache, results=results)
+    assert result["model"]["fingerprint"] != "0" * 32
+    stored = list(results.rglob("*.json"))
+    assert len(stored) == 1
+    assert json.loads(stored[0].read_text())["identity"]["model"] == result["model"]["fingerprint"]
+    again = _pairs(stsb_dev_small, tiny_model_dir, cache=cache, results=results)
+    assert again["results_store"]["hit"] is True  # the memo now holds the confirmed fingerprint
