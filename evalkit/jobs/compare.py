@@ -287,6 +287,9 @@ def format_compare(report: dict[str, Any]) -> str:
     ]
     if cs:
         lines.append(f"p: {cs[0]['test']}; CI: {cs[0]['interval']}")
+        floor = 1 / (report["settings"]["resamples"] + 1)
+        if any(c["p_value"] <= floor * (1 + 1e-9) for c in cs):
+            lines.append(f"p = {format_p(floor)} is the smallest p these resamples can give")
     if report.get("out"):
         lines.append(f"results: {report['out']}")
     return "\n".join(lines)

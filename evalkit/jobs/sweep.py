@@ -36,7 +36,7 @@ from evalkit.jobs import runs
 
 logger = logging.getLogger(__name__)
 SWEEP_FORMAT = "evalkit-sweep-1"
-_EXTRA_PLOTTED = {"pairs-similarity": ["spearman_dot"]}
+_EXTRA_PLOTTED = {"pairs-similarity": ["spearman_manhattan"]}  # dot = cosine when normalised
 
 
 @dataclass
