@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.embed.encoder import StreamingEncoder
+from evalkit.errors import EvalkitError
 from evalkit.evaluation.engine import DEFAULT_K_VALUES, PRIMARY, pairs_pass, retrieval_pass
 from evalkit.jobs import results as rs
 from evalkit.jobs.tasks import PairsTask, RetrievalTask
@@ -167,7 +168,7 @@ def evaluate_task(
         task.check()  # fails fast, before the model loads
         if store is not None and not recompute and identity is None:
             identity = _identity(task, encoder, load=True)
-            record = store.get(identity)
+            record = store.get(identity) if identity is not None else None
             if record is not None:
                 return _served(record, task, encoder, store, out, plots, t0)
         scratch = store.scratch() if store is not None else None
@@ -183,6 +184,9 @@ def evaluate_task(
             # confirmed (and replaced if stale) when the model loads
             identity = _identity(task, encoder, load=True)
     result["versions"] = report.versions()
+    if store is not None and identity is None:
+        rs.remove_tree(scratch)
+        store = None
     if store is not None:
         extra = {"recall_curve": curve} if curve is not None else {}
         record = store.put(identity, result, per_item, extra)
@@ -212,7 +216,11 @@ def _identity(task: Any, encoder: StreamingEncoder, *, load: bool) -> dict[str, 
     and `load` is False."""
     from evalkit import __version__
 
-    fingerprint = encoder.fingerprint if load else encoder.known_fingerprint
+    try:
+        fingerprint = encoder.fingerprint if load else encoder.known_fingerprint
+    except EvalkitError as exc:  # weights that cannot be fingerprinted: nothing to key a result on
+        logger.info("results store not used: %s", exc)
+        return None
     if fingerprint is None:
         return None
     return {

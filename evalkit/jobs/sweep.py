@@ -169,7 +169,10 @@ class _Sweep:
         )
         fingerprint = encoder.known_fingerprint
         if fingerprint is None and self.results_store is None:
-            fingerprint = encoder.fingerprint  # loads the model: without a store, needed anyway
+            try:  # loads the model: without a results store, needed anyway
+                fingerprint = encoder.fingerprint
+            except EvalkitError:
+                fingerprint = None  # weights that cannot be fingerprinted are never deduplicated
         twin = self.by_fingerprint.get(fingerprint) if fingerprint else None
         if twin is not None:
             encoder.close()
@@ -185,7 +188,8 @@ class _Sweep:
             out=self.out / "evals" / c.label, plots=False, progress=o.progress,
         )  # fmt: skip
         row = _Row(c, result)
-        self.by_fingerprint.setdefault(result["model"]["fingerprint"], row)
+        if result["model"]["fingerprint"]:
+            self.by_fingerprint.setdefault(result["model"]["fingerprint"], row)
         return row
 
     def _copy_of(self, twin: _Row, c: runs.Candidate) -> dict[str, Any]:
