@@ -141,7 +141,10 @@ def base_candidate(base: Any) -> Candidate:
 
     path = Path(resolve_model_path(base))
     if not is_model_dir(path):
-        raise EvalkitError(f"base model {base!r} is not a model folder ({path})")
+        raise EvalkitError(
+            f"base model {base!r} is not a model folder here ({path}); give --base MODEL, or "
+            "--base none to sweep without one"
+        )
     return Candidate("base", path, 0, "base")
 
 
