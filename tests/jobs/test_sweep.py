@@ -20,6 +20,14 @@ from evalkit.jobs.sweep import sweep
 from evalkit.jobs.tasks import PairsTask, RetrievalTask
 
 
+@pytest.fixture(scope="session")
+def tiny_run(shared_data, tiny_model_dir, stsb_dev_small, tmp_path_factory):
+    """A finished 3-checkpoint tiny-model run that evaluated on `stsb_dev_small` every 10 steps."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert cli_main(train_args(shared_data, tiny_model_dir, out, stsb_dev_small)) == 0
+    return out
+
+
 def _pairs_task(path) -> PairsTask:
     return PairsTask(
         path, left="sentence1", right="sentence2", label="score",
