@@ -22,7 +22,9 @@ _LAZY: dict[str, str] = {
     "FingerprintMismatchError": "evalkit.errors",
     "MissingExtraError": "evalkit.errors",
     "PairDataset": "evalkit.data.dataset",
+    "PairsTask": "evalkit.jobs.tasks",
     "RetrievalMetrics": "evalkit.metrics.retrieval",
+    "RetrievalTask": "evalkit.jobs.tasks",
     "SimilarityMetrics": "evalkit.metrics.pairs",
     "StoreError": "evalkit.errors",
     "StreamingBinaryClassificationEvaluator": "evalkit.evaluation.evaluators",
@@ -32,11 +34,13 @@ _LAZY: dict[str, str] = {
     "StreamingSimilarityEvaluator": "evalkit.evaluation.evaluators",
     "TopK": "evalkit.search.exact",
     "build_index": "evalkit.search.build",
+    "compare": "evalkit.jobs.compare",
     "convert": "evalkit.data.convert",
     "data_fingerprint": "evalkit.data.fingerprint",
     "encode_texts": "evalkit.embed.encoder",
     "evaluate_pairs": "evalkit.jobs.evaluate",
     "evaluate_retrieval": "evalkit.jobs.evaluate",
+    "evaluate_task": "evalkit.jobs.evaluate",
     "exact_search": "evalkit.search.exact",
     "fit": "evalkit.train.fit",
     "iter_batches": "evalkit.data.readers",
@@ -49,6 +53,7 @@ _LAZY: dict[str, str] = {
     "open_ipc": "evalkit.data.readers",
     "open_source": "evalkit.data.readers",
     "run_precompute": "evalkit.jobs.precompute",
+    "sweep": "evalkit.jobs.sweep",
 }
 
 __all__ = sorted(["__version__", *_LAZY])

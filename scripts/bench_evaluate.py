@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_retrieval(
             big["corpus"], big["queries"], big["qrels"], model=model_dir, cache=cache, device="cpu",
             corpus_block=args.corpus_block, batch_size=args.batch_size, progress=True, plots=False,
+            results=False,  # measure the evaluation, never a stored result
         )  # fmt: skip
         wall = time.perf_counter() - t
     timings = result["timings"]
@@ -239,6 +240,7 @@ def parity(args, workdir: Path) -> bool:
         sub["qrels"],
         model=model,
         cache=False,
+        results=False,
         k_values=KS,
         progress=False,
     )

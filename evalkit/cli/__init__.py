@@ -16,7 +16,17 @@ import sys
 from evalkit.errors import EvalkitError
 
 # Order is the order shown in --help. A module that is not there yet is skipped.
-SUBCOMMAND_MODULES = ["convert", "encode", "cache", "evaluate", "index", "ann", "train"]
+SUBCOMMAND_MODULES = [
+    "convert",
+    "encode",
+    "cache",
+    "evaluate",
+    "sweep",
+    "compare",
+    "index",
+    "ann",
+    "train",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,14 +49,18 @@ def _unescape(delimiter: str) -> str:
     return {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(delimiter, delimiter)
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> None:
-    """Flags choosing the model, device and embedding store."""
+def add_model_args(
+    parser: argparse.ArgumentParser, *, batch_size: int = 64, model: bool = True
+) -> None:
+    """Flags choosing the model (unless `model=False`: the command names its models itself),
+    device and embedding store."""
     g = parser.add_argument_group("model and embedding store")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="sentence-transformers model directory (default: the packaged all-MiniLM-L6-v2)",
-    )
+    if model:
+        g.add_argument(
+            "--model",
+            default=None,
+            help="sentence-transformers model directory (default: the packaged all-MiniLM-L6-v2)",
+        )
     g.add_argument(
         "--cache",
         default=None,
@@ -83,10 +87,38 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments (model, cache, device, batch_size) that add_model_args() describes;
     `--no-cache` becomes cache=False, which every public function reads as "no store"."""
     return {
-        "model": args.model,
+        "model": getattr(args, "model", None),
         "cache": False if args.no_cache else args.cache,
         "device": args.device,
         "batch_size": args.batch_size,
+    }
+
+
+def add_results_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the results store (evaluation results remembered by identity)."""
+    g = parser.add_argument_group("results store")
+    g.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="results store folder (default: $EVALKIT_RESULTS, else beside the embedding store: "
+        "CACHE-results; none with --no-cache)",
+    )
+    g.add_argument(
+        "--no-results", action="store_true", help="do not read or write the results store"
+    )
+    g.add_argument(
+        "--recompute",
+        action="store_true",
+        help="evaluate again even when the results store has this result (and store the new one)",
+    )
+
+
+def results_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments (results, recompute) that add_results_args() describes."""
+    return {
+        "results": False if args.no_results else args.results,
+        "recompute": args.recompute,
     }
 
 

@@ -10,9 +10,11 @@ import argparse
 
 from evalkit.cli._common import (
     add_model_args,
+    add_results_args,
     add_source_args,
     model_options,
     positive_int,
+    results_options,
     source_options,
 )
 
@@ -38,8 +40,10 @@ def add_parser(subparsers) -> None:
         description=(
             "Evaluate a sentence-transformers model with streaming, exact metrics that match "
             "sentence-transformers' evaluators (and trec_eval on request). Embeddings go through "
-            "the embedding store, so a second run over the same texts and model encodes nothing. "
-            "Writes OUT/metrics.json, OUT/summary.md and PNG plots."
+            "the embedding store, so a second run over the same texts and model encodes nothing; "
+            "results are remembered by identity (model fingerprint, data bytes, settings), so a "
+            "rerun with nothing changed is served from the results store. Writes "
+            "OUT/metrics.json, OUT/summary.md, OUT/per_query.parquet and PNG plots."
         ),
     )
     sub = parser.add_subparsers(dest="evaluate_task", metavar="TASK", required=True)
@@ -160,6 +164,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="folder for metrics.json, summary.md and plots (default: none, print only)",
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
+    add_results_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--json", action="store_true", help="print the full result as JSON instead of the summary"
@@ -170,6 +175,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
     return {
         **model_options(args),
         "out": args.out,
+        **results_options(args),
         "plots": not args.no_plots,
         "progress": not args.quiet,
     }

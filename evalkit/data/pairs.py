@@ -7,7 +7,10 @@
 3) cast the label column to float64 (a non-numeric label is refused with its type) and reject a
    label that is NaN or infinite, naming its row (an `inf` gold score would make every
    correlation meaningless);
-4) yield the two text lists and the label array, batch by batch.
+4) re-cut the rows into batches of exactly `batch_size` (the last one shorter), whatever the
+   source's own chunking (a CSV block, a Parquet row group, a copy of it in Arrow), so the texts
+   encoded together, and with them the floats of every embedding, depend only on the rows;
+5) yield the two text lists and the label array, batch by batch.
 """
 
 from __future__ import annotations
@@ -26,8 +29,34 @@ from evalkit.errors import DataError
 def iter_pair_batches(
     data: Any, *, left: str, right: str, label: str, batch_size: int = 8192, **source_options: Any
 ) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
-    """(left texts, right texts, float64 labels) batches of a pairs source, nulls and non-finite
-    labels rejected by row."""
+    """(left texts, right texts, float64 labels) batches of exactly `batch_size` rows (the last one
+    shorter) of a pairs source, nulls and non-finite labels rejected by row."""
+    pending: list[tuple[list[str], list[str], np.ndarray]] = []
+    held = 0
+    for part in _source_batches(data, left, right, label, batch_size, source_options):
+        pending.append(part)
+        held += len(part[0])
+        while held >= batch_size:
+            texts_l, texts_r, gold = _join(pending)
+            yield texts_l[:batch_size], texts_r[:batch_size], gold[:batch_size]
+            pending = [(texts_l[batch_size:], texts_r[batch_size:], gold[batch_size:])]
+            held -= batch_size
+    if held:
+        yield _join(pending)
+
+
+def _join(parts: list[tuple[list[str], list[str], np.ndarray]]):
+    if len(parts) == 1:
+        return parts[0]
+    return (
+        [t for p in parts for t in p[0]],
+        [t for p in parts for t in p[1]],
+        np.concatenate([p[2] for p in parts]),
+    )
+
+
+def _source_batches(data, left, right, label, batch_size, source_options):
+    """The source's own record batches as (left texts, right texts, float64 labels)."""
     columns = [left, right, label]
     row = 0
     batches = iter_batches(

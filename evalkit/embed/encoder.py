@@ -162,6 +162,14 @@ class StreamingEncoder:
         return self._fingerprint
 
     @property
+    def known_fingerprint(self) -> str | None:
+        """The fingerprint when it is known without loading the model (from the memo, or of a
+        model already loaded); None when only loading the model would tell."""
+        if self._fingerprint is None and self._model is None:
+            return None
+        return self.fingerprint
+
+    @property
     def dim(self) -> int:
         """The output dimension (loads the model if no vector was served yet)."""
         if self._dim is None:

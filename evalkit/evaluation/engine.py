@@ -4,14 +4,16 @@
    with tallies) turns text batches into vectors;
 2) `pairs_pass` streams (left, right, label) batches: reject non-finite labels (and non-0/1 ones
    for classification), encode both sides, pair scores, update the streaming
-   similarity/classification metric and a score histogram. A set whose metric is undefined or
-   trivial (one class, one gold value) is refused; any other undefined metric (constant scores)
-   is logged as a warning and written as null.
+   similarity/classification metric and a score histogram; `sink(scores, gold)`, when given,
+   receives every batch's per-pair scores (the evaluate job spills them to Parquet). A set whose
+   metric is undefined or trivial (one class, one gold value) is refused; any other undefined
+   metric (constant scores) is logged as a warning and written as null.
 3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
    into `exact_search` (O(queries x k) state), and scores the ranked lists with the dialect's
-   retrieval metrics and a recall@k curve. `warn_missing_documents` warns (count, example id)
-   when the qrels judge documents that are not in the corpus: they can never be retrieved, so
-   they lower recall.
+   retrieval metrics and a recall@k curve; `per_query(ids, keys, values)`, when given, receives
+   every counted query's metric values. `warn_missing_documents` warns (count, example id) when
+   the qrels judge documents that are not in the corpus: they can never be retrieved, so they
+   lower recall.
 
 The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators`.
 """
@@ -52,8 +54,11 @@ def pairs_pass(
     *,
     progress: bool = False,
     where: str = "data",
+    sink: Any = None,
 ):
-    """Stream pair batches through `encoder` into the task's metric. -> (metrics, histogram, rows)."""
+    """Stream pair batches through `encoder` into the task's metric. -> (metrics, histogram, rows).
+
+    `sink(scores, gold)` is called with each batch's pair scores ({name: array}) and labels."""
     from evalkit.metrics.curves import ScoreHistogram
     from evalkit.metrics.pairs import ClassificationMetrics, SimilarityMetrics, pair_scores
 
@@ -75,6 +80,8 @@ def pairs_pass(
             scores = pair_scores(emb[:n], emb[n:])
             metric.update(scores, gold)
             hist.update(scores["cosine"], gold)
+            if sink is not None:
+                sink(scores, gold)
             rows += n
             bar.update(n)
     if rows == 0:
@@ -149,10 +156,13 @@ def retrieval_pass(
     ignore_identical_ids: bool = False,
     index: Any = None,
     progress: bool = False,
+    per_query: Any = None,
 ) -> tuple[dict[str, float], np.ndarray, dict[str, float]]:
-    """Encode queries, stream (ids, texts) corpus batches into top-k, score the rankings.
+    """Encode queries, stream (ids, texts) corpus blocks into top-k, score the rankings.
 
-    -> (metrics keyed like cosine_ndcg@10, mean recall@k for k = 1..max k, timings)
+    -> (metrics keyed like cosine_ndcg@10, mean recall@k for k = 1..max k, timings).
+    `per_query(ids, keys, values)` receives every counted query's values (see
+    RetrievalMetrics.per_query_arrays).
     """
     from evalkit.metrics.retrieval import RetrievalMetrics
 
@@ -195,6 +205,8 @@ def retrieval_pass(
     scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]
     metric.update(list(query_ids), ranked, scores)
     metrics = _average(metric, dialect)
+    if per_query is not None:
+        per_query(*metric.per_query_arrays())
     if ignore_identical_ids:
         ranked = [[d for d in r if d != q] for q, r in zip(query_ids, ranked, strict=True)]
     curve = _recall_curve(qrels, query_ids, ranked, metric.max_k)

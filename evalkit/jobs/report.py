@@ -157,7 +157,10 @@ def format_summary(result: Mapping[str, Any], *, keys: list[str] | None = None) 
     lines = [f"{result.get('task', 'evaluation')}: {result.get('data', {}).get('rows', '?')} rows"]
     lines += [f"  {k:<28} {_fmt(metrics[k])}" for k in keys if k in metrics]
     cache = result.get("cache") or {}
-    if cache:
+    stored = result.get("results_store") or {}
+    if stored.get("hit"):
+        lines.append(f"  from results store (key {stored['key']}; --recompute to evaluate again)")
+    elif cache:
         lines.append(
             f"  cache: {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses"
             f" ({100 * cache.get('hit_rate', 0.0):.1f}% hits)"
@@ -187,13 +190,17 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
     for key in ("dialect", "similarity"):
         if result.get(key):
             out.append(f"- {key}: {result[key]}")
-    if cache:
+    stored = result.get("results_store") or {}
+    if stored.get("hit"):
+        out.append(f"- from results store: key `{stored['key']}` in `{stored.get('dir')}`")
+    elif cache:
         out.append(
             f"- embedding store: {cache.get('hits', 0)} hits / {cache.get('misses', 0)} misses"
             f" ({100 * cache.get('hit_rate', 0.0):.1f}% hits) in `{cache.get('dir')}`"
         )
-    spans = {k: v for k, v in timings.items() if v is not None and "_per_" not in k}
-    rates = {k: v for k, v in timings.items() if v is not None and "_per_" in k}
+    timings = {k: v for k, v in timings.items() if isinstance(v, int | float)}
+    spans = {k: v for k, v in timings.items() if "_per_" not in k}
+    rates = {k: v for k, v in timings.items() if "_per_" in k}
     if spans:
         out.append(
             "- time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in spans.items())

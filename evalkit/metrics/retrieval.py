@@ -6,7 +6,8 @@ Algorithm:
    them under the dialect's total order, cuts at max k and computes that query's metrics at
    every k, then forgets the list: state is O(queries x metrics);
 3) ``merge`` unions per-query values of disjoint query sets; ``compute`` averages over the
-   counted queries, ``compute_per_query`` returns the values per query (for ANN deltas).
+   counted queries, ``compute_per_query`` returns the values per query (for ANN deltas) and
+   ``per_query_arrays`` the same as one (queries x metrics) array (for paired significance tests).
 
 Dialects:
 - ``sentence-transformers`` (InformationRetrievalEvaluator v6): counts only queries with >= 1
@@ -215,3 +216,11 @@ class RetrievalMetrics:
             qid: {key: float(v) for key, v in zip(self.keys, values, strict=True)}
             for qid, values in self._values.items()
         }
+
+    def per_query_arrays(self) -> tuple[list, list[str], np.ndarray]:
+        """(query ids, metric keys, float64 values [queries, keys]) for every counted query, in the
+        order the queries were scored: the values whose column means `compute()` returns."""
+        ids = list(self._values)
+        if not ids:
+            return [], list(self.keys), np.zeros((0, len(self.keys)))
+        return ids, list(self.keys), np.stack([self._values[q] for q in ids])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 
 import numpy as np
 import pytest
@@ -49,41 +48,6 @@ def mrpc_small(shared_data, tmp_path_factory):
     path.write_text("".join(lines[:81]), encoding="utf-8")
     rows = [line.rstrip("\n").split("\t") for line in lines[1:81]]
     return path, [r[3] for r in rows], [r[4] for r in rows], [int(r[0]) for r in rows]
-
-
-@pytest.fixture(scope="module")
-def scifact_small(shared_data, tmp_path_factory):
-    """25 judged SciFact test queries, their relevant docs and 50 other docs (BEIR layout)."""
-    src = shared_data / "beir-scifact"
-    qrels = {}
-    with open(src / "qrels" / "test.tsv", encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            q, d, s = line.rstrip("\n").split("\t")
-            qrels.setdefault(q, {})[d] = int(s)
-    qids = sorted(qrels)[:25]
-    relevant = {d for q in qids for d in qrels[q]}
-    docs = [json.loads(line) for line in open(src / "corpus.jsonl", encoding="utf-8")]
-    others = [d for d in docs if d["_id"] not in relevant]
-    random.Random(0).shuffle(others)
-    keep = [d for d in docs if d["_id"] in relevant][:-2] + others[:50]  # 2 relevant docs missing
-    out = tmp_path_factory.mktemp("scifact")
-    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in keep), encoding="utf-8")
-    queries = {}
-    for line in open(src / "queries.jsonl", encoding="utf-8"):
-        row = json.loads(line)
-        if row["_id"] in qids or len(queries) < 60:
-            queries[row["_id"]] = row["text"]
-    (out / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()),
-        encoding="utf-8",
-    )
-    lines = ["query-id\tcorpus-id\tscore"] + [
-        f"{q}\t{d}\t{s}" for q in qids for d, s in qrels[q].items()
-    ]
-    (out / "qrels.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    corpus = {d["_id"]: (d["title"] + " " + d["text"]).strip() for d in keep}
-    return out, corpus, {q: queries[q] for q in qids}, {q: qrels[q] for q in qids}
 
 
 def _pairs(path, model, **kw):
@@ -204,17 +168,18 @@ def test_retrieval_trec_eval_dialect_equals_pytrec_eval(scifact_small, minilm):
 
 
 def test_second_run_is_served_by_the_store(scifact_small, stsb_small, tiny_model_dir, tmp_path):
+    """The embedding store alone (results store off): a second run encodes nothing."""
     folder = scifact_small[0]
     cache = tmp_path / "cache"
-    first = _retrieval(folder, tiny_model_dir, cache=cache)
+    first = _retrieval(folder, tiny_model_dir, cache=cache, results=False)
     assert first["cache"]["misses"] > 0 and first["cache"]["model_loaded"]
-    second = _retrieval(folder, tiny_model_dir, cache=cache)
+    second = _retrieval(folder, tiny_model_dir, cache=cache, results=False)
     assert second["cache"]["misses"] == 0 and second["cache"]["hit_rate"] == 1.0
     assert not second["cache"]["model_loaded"]  # fingerprint from the memo, vectors from the store
     assert second["metrics"] == first["metrics"]
     assert second["model"]["fingerprint"] == first["model"]["fingerprint"]
-    p1 = _pairs(stsb_small, tiny_model_dir, cache=cache)
-    p2 = _pairs(stsb_small, tiny_model_dir, cache=cache)
+    p1 = _pairs(stsb_small, tiny_model_dir, cache=cache, results=False)
+    p2 = _pairs(stsb_small, tiny_model_dir, cache=cache, results=False)
     assert p2["cache"]["misses"] == 0 and p2["metrics"] == p1["metrics"]
 
 

@@ -285,3 +285,24 @@ def test_scifact_matches_pytrec_eval(scifact):
     assert_metrics_equal(metric.compute(), mean, tol=1e-6)
     worst = max(abs(per_query[q][k] - want[q][k]) for q in want for k in want[q])
     assert worst < 1e-9
+
+
+def test_per_query_arrays_are_the_values_behind_compute():
+    """The per-query matrix a significance test uses must average to exactly what compute() says."""
+    from evalkit.metrics.retrieval import RetrievalMetrics
+
+    rng = np.random.default_rng(0)
+    qrels = {f"q{i}": {f"d{j}": int(rng.integers(0, 3)) for j in range(8)} for i in range(12)}
+    for dialect in ("sentence-transformers", "trec_eval"):
+        metric = RetrievalMetrics(qrels, k_values=[1, 5], dialect=dialect)
+        ids = list(qrels)
+        ranked = [[f"d{j}" for j in rng.permutation(8)] for _ in ids]
+        scores = [np.sort(rng.uniform(size=8))[::-1] for _ in ids]
+        metric.update(ids, ranked, scores)
+        qids, keys, values = metric.per_query_arrays()
+        assert keys == metric.keys and values.shape == (metric.n_queries, len(keys))
+        per_query = metric.compute_per_query()
+        assert qids == list(per_query)
+        for i, q in enumerate(qids):
+            assert dict(zip(keys, values[i], strict=True)) == per_query[q]
+        np.testing.assert_array_equal(values.mean(axis=0), list(metric.compute().values()))
