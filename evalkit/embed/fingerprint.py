@@ -243,6 +243,20 @@ def numerics(device_type: str) -> dict[str, Any]:
             out[f"mkldnn.{part}.fp32_precision"] = _flag(
                 getattr(b.mkldnn, part, None), "fp32_precision"
             )
+    return _effective(out)
+
+
+def _effective(flags: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `fp32_precision == "none"` ("not set: inherit") to what it inherits, ending in
+    "ieee" (torch's default), so equal numerics give equal flags: `set_float32_matmul_precision
+    ("highest")` writes "ieee" where a fresh interpreter reports "none"."""
+    parent = {"mkldnn.matmul": "mkldnn", "mkldnn.conv": "mkldnn", "mkldnn.rnn": "mkldnn"}
+    out = dict(flags)
+    for key in sorted(out, key=lambda k: k.count(".")):
+        if key.endswith("fp32_precision") and out[key] in (None, "none"):
+            up = parent.get(key.rsplit(".", 1)[0])
+            inherited = out.get(f"{up}.fp32_precision") if up else None
+            out[key] = inherited if inherited not in (None, "none") else "ieee"
     return out
 
 

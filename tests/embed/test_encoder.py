@@ -201,3 +201,24 @@ def test_a_wrong_memo_entry_is_confirmed_before_any_key_is_used(tiny_model_dir, 
         assert enc.loaded and enc.fingerprint == true_fp
     np.testing.assert_array_equal(got, truth)
     assert memo.lookup(key) == true_fp  # the memo is repaired
+
+
+def test_memo_is_used_only_under_default_numerics(tmp_path, monkeypatch):
+    """Guards against: a fingerprint memoised under torch's default float32 matmul flags being
+    served (model never loaded) in a process that changed them, whose vectors differ; and a memo
+    key that depends on whether torch happened to be imported (a fresh CLI run missed it)."""
+    import torch
+
+    from evalkit.embed import memo
+
+    monkeypatch.setenv("EVALKIT_FINGERPRINT_MEMO", str(tmp_path / "memo.json"))
+    memo.remember("k", "fp")
+    assert memo.lookup("k") == "fp"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert memo.lookup("k") is None
+        memo.remember("k2", "fp2")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert memo.lookup("k2") is None and memo.lookup("k") == "fp"
