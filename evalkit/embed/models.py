@@ -127,3 +127,23 @@ def amp_dtype(model: Any, amp: str | bool | None) -> Any:
     if amp in ("bfloat16", "bf16"):
         return torch.bfloat16
     raise EvalkitError(f"amp must be auto, off, float16 or bfloat16; got {amp!r}")
+
+
+def runtime_meta(model: Any) -> dict[str, str]:
+    """What the store records (not keys on) for a model fingerprint's first write: library
+    versions, the device and, on CUDA, the GPU name (`evalkit cache info` shows them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    meta: dict[str, str] = {}
+    for dist in ("torch", "transformers", "sentence-transformers", "evalkit"):
+        try:
+            meta[dist] = version(dist)
+        except PackageNotFoundError:
+            meta[dist] = "absent"
+    device = getattr(model, "device", None)
+    meta["device"] = str(device) if device is not None else "unknown"
+    if meta["device"].startswith("cuda"):
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    return meta

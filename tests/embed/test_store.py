@@ -1,5 +1,6 @@
-"""EmbeddingStore: batch round trips, checks on read, no eviction, info/clear/check, two writer
-processes at once, and a writer killed with SIGKILL in the middle of put_many."""
+"""EmbeddingStore: batch round trips, checks on read, no eviction, info/clear/check, compaction,
+two writer processes at once, and a writer killed with SIGKILL in the middle of put_many.
+(Damage to the store's bytes: tests/embed/test_store_faults.py.)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evalkit.embed._segments import MAGIC
 from evalkit.embed.store import SIZE_LIMIT, EmbeddingStore, default_cache_dir, make_keys
 from evalkit.errors import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def segment_path(store: EmbeddingStore, model: str, which: int = 0) -> Path:
+    """The file of the model's `which`-th segment (oldest first)."""
+    rows = [row for row, _ in store._headers(model)]
+    return store.directory / rows[which].filename
 
 
 def _vectors(n: int, dim: int = 24, seed: int = 0) -> np.ndarray:
@@ -69,9 +77,11 @@ def test_nothing_is_evicted_and_diskcache_can_read_it(tmp_path):
     keys = make_keys("fp", ["x"])
     store.put_many(keys, _vectors(1), model="fp")
     plain = diskcache.Cache(str(tmp_path))
-    value = plain.get(keys[0])
-    assert isinstance(value, bytes) and value[:2] == b"EK"
+    (segment_key,) = list(plain)  # one row: the segment holding the vector
+    value = plain.get(segment_key)
+    assert isinstance(value, bytes) and value[:8] == MAGIC and keys[0] in value
     assert len(plain) == 1
+    assert plain.check() == []  # diskcache's own check: files and counters agree
 
 
 def test_info_clear_and_check(tmp_path):
@@ -80,22 +90,23 @@ def test_info_clear_and_check(tmp_path):
     store.put_many(make_keys("m2", ["a"]), _vectors(1, dim=8), model="m2")
     store.put_many(make_keys("m1", ["a"]), _vectors(1, seed=5), model="m1")  # already there
     info = store.info()
-    assert info["entries"] == 4
-    assert info["models"]["m1"] == {
-        "entries": 3,
-        "bytes": 3 * (8 + 24 * 4),
-        "dim": 24,
-        "dtype": "float32",
-    }
+    assert info["entries"] == 4 and info["format"] == 2
+    m1 = info["models"]["m1"]
+    assert (m1["entries"], m1["dim"], m1["dtype"], m1["segments"]) == (3, 24, "float32", 1)
+    assert m1["bytes"] == 64 + 3 * (8 + 16 + 24 * 4 + 8)
     assert info["models"]["m2"]["dim"] == 8
+    assert store.count("m1") == 3 and store.count() == 4
     assert store.has_model("m1") and not store.has_model("m3")
     assert store.check() == []
-    # corrupt one row behind the store's back: check() names it, fix removes it
-    store.cache._con.execute("UPDATE Cache SET value = x'00' WHERE rowid = 1")
+    # damage one vector behind the store's back: check() names it, fix removes it
+    seg = segment_path(store, "m1")
+    data = bytearray(seg.read_bytes())
+    data[-20] ^= 0xFF
+    seg.write_bytes(bytes(data))
     problems = store.check()
-    assert any("row 1" in p for p in problems)
+    assert any("1 of 3 rows fail their checksum" in p for p in problems), problems
     store.check(fix=True)
-    assert store.check() == []
+    assert store.check() == [] and store.count("m1") == 2
     assert store.clear(model="m2") == 1
     assert set(store.info()["models"]) == {"m1"}
     store.clear()
