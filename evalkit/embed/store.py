@@ -146,7 +146,7 @@ class EmbeddingStore:
         self.timeout, self._allow_network_fs = float(timeout), allow_network_fs
         self._cache: Any = None  # the diskcache.Cache, opened on the first write
         self._local = threading.local()
-        self._segments_open: dict[str, Segment] = {}
+        self._segments_open: dict[str, tuple[str, Segment]] = {}  # filename -> (tag, map)
         self._lock = threading.Lock()
         db = self.directory / "cache.db"
         if not create and not db.exists():
@@ -266,13 +266,14 @@ class EmbeddingStore:
             )
 
     def _segments(self, model: str | None, con: sqlite3.Connection | None = None) -> list[Segment]:
-        """The model's (or every) segment, oldest first, opened and memory-mapped."""
+        """The model's (or every) segment, oldest first, opened and memory-mapped. Maps of
+        segments merged away are dropped (their disk space is freed once nothing uses them)."""
         for _attempt in range(3):
             with cat.sqlite_errors(self.directory):
                 rows = cat.segment_rows(con or self._con, model)
             out, vanished = [], False
             for row in rows:
-                seg = self._segments_open.get(row.filename)
+                tag, seg = self._segments_open.get(row.filename, (None, None))
                 if seg is None or seg.header != row.header:
                     try:
                         seg = Segment(self.directory / row.filename, row.header)
@@ -283,16 +284,16 @@ class EmbeddingStore:
                         self._warn_once(row.filename, f"segment {row.filename}: {exc}")
                         continue
                     with self._lock:
-                        self._segments_open[row.filename] = seg
+                        self._segments_open[row.filename] = (row.tag, seg)
                 out.append(seg)
             if not vanished:
                 break
         else:
             self._warn_once("missing", "a segment listed in the catalogue has no file")
-        if model is None:
-            live = {row.filename for row in rows}
-            with self._lock:
-                for name in set(self._segments_open) - live:
+        live = {row.filename for row in rows}
+        with self._lock:
+            for name, (tag, _) in list(self._segments_open.items()):
+                if name not in live and (model is None or tag == model):
                     del self._segments_open[name]
         return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalkit.embed._segments import MAGIC
+from evalkit.embed._segments import MAGIC, plan_merge
 from evalkit.embed.store import SIZE_LIMIT, EmbeddingStore, default_cache_dir, make_keys
 from evalkit.errors import StoreError
 
@@ -198,3 +198,86 @@ def test_killed_in_the_middle_of_put_many(tmp_path):
     # and it still takes writes
     store.put_many(make_keys("fp", ["after"]), np.ones((1, 16), np.float32), model="fp")
     assert store.get_many(make_keys("fp", ["after"]))[1].all()
+
+
+def test_plan_merge_is_size_tiered_and_bounded():
+    """Guards against: compaction that never merges (lookups slow down with every write) or that
+    rewrites without bound (one merge bigger than the limit, holding the write lock for long)."""
+    mib = 1 << 20
+    assert plan_merge([mib] * 3) == []
+    assert plan_merge([mib] * 4) == [0, 1, 2, 3]
+    assert plan_merge([5 * mib, mib, 6 * mib, mib, mib, 7 * mib, 8 * mib]) == [0, 2, 5, 6]
+    assert plan_merge([mib, 100 * mib, mib, mib, mib]) == [0, 2, 3, 4]  # lowest tier first
+    big = (1 << 31) // 4 + 1  # final: over limit / fanout
+    assert plan_merge([big] * 8) == []
+
+
+def test_compaction_keeps_few_segments_and_every_vector(tmp_path):
+    """Guards against: a write pattern of many small puts leaving one segment per put, and a
+    merge losing, duplicating or altering a vector."""
+    store = EmbeddingStore(tmp_path)
+    texts = [f"t{i}" for i in range(2000)]
+    keys = make_keys("fp", texts)
+    vecs = _vectors(2000, dim=8)
+    for start in range(0, 2000, 50):
+        store.put_many(keys[start : start + 50], vecs[start : start + 50], model="fp")
+        store.put_many(keys[:3], _vectors(3, dim=8, seed=9), model="fp")  # present: ignored
+    assert len(store._headers("fp")) <= 3
+    assert store.count("fp") == 2000 and store.check() == []
+    got, found = store.get_many(keys, dim=8)
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == sorted(
+        Path(row.filename).name for row, _ in store._headers()
+    )  # inputs of merges are deleted
+
+
+def test_model_meta_first_write_wins_and_dims_stay_consistent(tmp_path):
+    """Guards against: the recorded library versions/device being overwritten by a later run, and
+    vectors of another dim written under a fingerprint that already has some."""
+    store = EmbeddingStore(tmp_path)
+    store.put_many(
+        make_keys("fp", ["a"]), _vectors(1), model="fp", meta={"torch": "1", "device": "cpu"}
+    )
+    store.put_many(
+        make_keys("fp", ["b"]), _vectors(1), model="fp", meta={"torch": "2", "device": "cuda"}
+    )
+    assert store.info()["models"]["fp"]["meta"] == {"torch": "1", "device": "cpu"}
+    with pytest.raises(StoreError, match="dim 24 for this model; got float32 of dim 8"):
+        store.put_many(make_keys("fp", ["c"]), _vectors(1, dim=8), model="fp")
+    with pytest.raises(StoreError, match="16-byte digests"):
+        store.get_many([b"short"])
+
+
+def test_pickles_as_its_path(tmp_path):
+    import pickle
+
+    store = EmbeddingStore(tmp_path, dtype="float16")
+    keys = make_keys("fp", ["a", "b"])
+    store.put_many(keys, _vectors(2), model="fp")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.dtype == "float16" and len(pickle.dumps(store)) < 500
+    np.testing.assert_array_equal(clone.get_many(keys)[0], store.get_many(keys)[0])
+
+
+def test_reader_during_writes_and_merges(tmp_path):
+    """Guards against: a reader in another process seeing a half-written or merged-away segment
+    (missing or wrong vectors) while a writer commits and compacts."""
+    store_dir = tmp_path / "store"
+    EmbeddingStore(store_dir).close()
+    proc = _spawn(tmp_path, store_dir, "w", 4000, 100)
+    reader = EmbeddingStore(store_dir)
+    checked = 0
+    try:
+        for line in proc.stdout:
+            if not line.startswith("committed"):
+                continue
+            n = int(line.split()[1])
+            got, found = reader.get_many(make_keys("fp", [f"w {i}" for i in range(n)]), dim=16)
+            assert found.all()
+            np.testing.assert_array_equal(got[:, 3], np.arange(n, dtype=np.float32))
+            checked += 1
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert checked == 40 and len(reader._headers("fp")) <= 6
