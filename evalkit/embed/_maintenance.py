@@ -206,7 +206,7 @@ def _diskcache_check(store: Any, fix: bool) -> tuple[list[str], bool]:
 def check(store: Any, fix: bool) -> list[str]:
     if not fix:
         return _check(store, False)
-    store._writable()
+    store.require_writable()
     try:
         return _check(store, True)
     except cat.DamagedStoreError as exc:  # even --fix could not read it: say what is left to do

@@ -145,8 +145,9 @@ class Lookup:
     def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
         if self.store is None or not keys:
             return
+        self.store.require_writable()  # before the window is served, not in the writer thread
         bad = ~np.isfinite(vectors).all(axis=1)
-        if bad.any():  # checked here, before the window is served, not in the writer thread
+        if bad.any():
             raise EvalkitError(
                 f"the model produced {int(bad.sum())} non-finite embedding(s) (NaN/inf) in this "
                 f"window; nothing of it was stored. Check the model's weights and precision"

@@ -170,7 +170,7 @@ class EmbeddingStore:
         if self._cache is None:
             import diskcache
 
-            self._writable()
+            self.require_writable()
             try:
                 self._cache = diskcache.Cache(
                     str(self.directory),
@@ -207,7 +207,8 @@ class EmbeddingStore:
             self._local.con, self._local.pid = con, os.getpid()
         return con
 
-    def _writable(self) -> None:
+    def require_writable(self) -> None:
+        """StoreError "store is read-only" unless this store can take writes."""
         if self.readonly:
             raise StoreError(
                 f"store is read-only ({self.directory}: reads are served, new vectors cannot be "
@@ -392,7 +393,7 @@ class EmbeddingStore:
                 f"refusing to store {int(bad.sum())} non-finite vector(s) (NaN/inf in {self.dtype}, "
                 f"first at row {int(np.argmax(bad))}); nothing was written"
             )
-        self._writable()
+        self.require_writable()
         first: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)

@@ -402,3 +402,23 @@ def test_encoder_refuses_non_finite_embeddings(tmp_path, tiny_model, monkeypatch
     with pytest.raises(EvalkitError, match="non-finite"):
         encode_texts(["a", "b", "c"], tiny_model, store=store)
     assert store.count() == 0
+
+
+def test_encoder_over_a_read_only_store(tmp_path, tiny_model):
+    """Guards against: a provisioned read-only store making every run fail (or retry forever),
+    and a miss against it being silently dropped instead of reported."""
+    from evalkit.embed.encoder import encode_texts
+
+    texts = ["one text", "two texts", "three texts"]
+    store = EmbeddingStore(tmp_path / "s")
+    first = encode_texts(texts, tiny_model, store=store)
+    _quiet_copy(store)
+    undo = _read_only(tmp_path / "s")
+    try:
+        again = encode_texts(texts, tiny_model, store=EmbeddingStore(tmp_path / "s"))
+        assert again.hits == 3
+        np.testing.assert_array_equal(again.embeddings, first.embeddings)
+        with pytest.raises(StoreError, match="store is read-only"):
+            encode_texts(texts + ["new"], tiny_model, store=EmbeddingStore(tmp_path / "s"))
+    finally:
+        undo()
