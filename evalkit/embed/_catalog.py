@@ -41,6 +41,10 @@ _INSERT = (
 )
 
 
+class StoreLockedError(StoreError):
+    """Another process held the write lock for longer than the store's timeout."""
+
+
 class DamagedStoreError(StoreError):
     """The store's database cannot be read as it is (`why` says how)."""
 
@@ -148,7 +152,7 @@ def translate(directory: Path, exc: sqlite3.Error) -> StoreError:
     text = str(exc)
     low = text.lower()
     if "locked" in low or "busy" in low:
-        return StoreError(
+        return StoreLockedError(
             f"embedding store {directory} is locked by another process ({text}) for longer than "
             f"the store timeout; try again when it is done, or use another --cache DIR"
         )
@@ -169,10 +173,13 @@ def damaged(directory: Path, why: str, fix_tried: bool = False) -> DamagedStoreE
 
 @contextlib.contextmanager
 def sqlite_errors(directory: Path) -> Iterator[None]:
+    """sqlite3 errors -> `translate`; OSErrors (disk full, permissions) -> a one-line StoreError."""
     try:
         yield
     except sqlite3.Error as exc:
         raise translate(directory, exc) from exc
+    except OSError as exc:
+        raise StoreError(f"embedding store {directory}: {exc.strerror or exc}") from exc
 
 
 class Transaction:

@@ -314,7 +314,9 @@ class EmbeddingStore:
         for seg in segments:
             if not len(left):
                 break
-            idx, rows, hit, bad = seg.find(spre[left], skeys[left])
+            everything = len(left) == n  # no copy of the queries for the first segment
+            q_pre, q_keys = (spre, skeys) if everything else (spre[left], skeys[left])
+            idx, rows, hit, bad = seg.find(q_pre, q_keys)
             if bad:
                 damaged.append(seg)
                 self._warn_once(seg.path.name, f"{bad} row(s) of segment {seg.path.name} fail "
@@ -353,14 +355,18 @@ class EmbeddingStore:
                 raise StoreError(
                     f"store {self.directory}: stored vectors have dim {seg.dim}, expected {dim}"
                 )
-            if not out:
-                out.append(np.zeros((n, seg.dim), dtype=np.float32))
+            if not out:  # rows not found are zeroed at the end
+                out.append(np.empty((n, seg.dim), dtype=np.float32))
             elif out[0].shape[1] != seg.dim:
                 raise StoreError(f"store {self.directory}: vectors of different sizes found")
             out[0][dst] = seg.vectors(rows)
 
         found, _ = self._find(self._segments(model), kmat, take)
-        return (out[0] if out else np.zeros((n, dim or 0), dtype=np.float32)), found
+        if not out:
+            return np.zeros((n, dim or 0), dtype=np.float32), found
+        if not found.all():
+            out[0][~found] = 0.0
+        return out[0], found
 
     def _key_matrix(self, keys: Sequence[bytes]) -> np.ndarray:
         try:
@@ -398,7 +404,7 @@ class EmbeddingStore:
         for i, key in enumerate(keys):
             first.setdefault(key, i)
         pick = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-        kmat, data = self._key_matrix(list(first))[:], data[pick]
+        kmat, data = self._key_matrix(list(first)), data[pick]
         with cat.sqlite_errors(self.directory), self._transaction() as txn:
             segs = self._segments(model, txn.con)
             for seg in segs:
@@ -427,10 +433,15 @@ class EmbeddingStore:
         cat.insert_segment(txn.con, cat.SEG + uuid.uuid4().bytes, model, name, size, seg.header)
 
     def _compact(self, model: str, repair: set[str] = frozenset()) -> None:
+        """Compaction after a committed write; a lock held elsewhere for longer than the timeout
+        only postpones it to the next write (the vectors are stored already)."""
         from evalkit.embed._maintenance import compact
 
-        with cat.sqlite_errors(self.directory):
-            compact(self, model, set(repair))
+        try:
+            with cat.sqlite_errors(self.directory):
+                compact(self, model, set(repair))
+        except cat.StoreLockedError as exc:
+            logger.debug("compaction of %s postponed: %s", self.directory, exc)
 
     # -- statistics and maintenance ---------------------------------------------------------
     def _headers(self, model: str | None = None) -> list[tuple[cat.SegmentRow, tuple | None]]:

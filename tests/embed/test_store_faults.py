@@ -422,3 +422,26 @@ def test_encoder_over_a_read_only_store(tmp_path, tiny_model):
             encode_texts(texts + ["new"], tiny_model, store=EmbeddingStore(tmp_path / "s"))
     finally:
         undo()
+
+
+def test_disk_full_while_writing_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    """Guards against: an OSError (disk full) mid-write surfacing as a traceback, or leaving a
+    half-written segment that is later served."""
+    import errno
+
+    from evalkit.embed import _segments
+
+    store, keys, vecs = _store_with(tmp_path)
+    real = _segments.write_rows
+
+    def full(path, *args):
+        real(path, *args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_segments, "write_rows", full)
+    with pytest.raises(StoreError, match="No space left on device"):
+        store.put_many(make_keys("fp", ["x", "y"]), _vectors(2, seed=4), model="fp")
+    monkeypatch.undo()
+    assert store.count() == 50 and store.check() == []
+    assert len(list((tmp_path / "s" / "segments").glob("*.eks"))) == 1
+    _served_exactly(store, keys, vecs, damaged=set())
