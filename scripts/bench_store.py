@@ -16,7 +16,8 @@ vector in diskcache's `value` column) read the best way that layout allows: sort
    counted runs from opening the store to the last batch; interpreter start and the keys'
    computation are not counted. Both stores sit in a warm OS page cache (written or read just
    before); evalkit verifies every row's checksum as it always does;
-3. report the median vectors/s of each side and their ratio.
+3. report the median vectors/s of each side, their ratio, and what the checksum check alone
+   costs per vector (its share of evalkit's read time).
 
 The last line is machine-readable; the exit code is 1 when evalkit's median is below --target:
 
@@ -154,10 +155,28 @@ def child(args: argparse.Namespace) -> None:
         block = vectors(w * WINDOW, min(args.n, (w + 1) * WINDOW), args.dim)
         for r in rows.tolist():  # the vectors served equal the ones written
             ok &= bool(np.array_equal(kept[r], block[sample[r] - w * WINDOW]))
-    print(json.dumps({"rate": len(keys) / seconds, "ok": ok}))
+    res = {"rate": len(keys) / seconds, "ok": ok}
+    if args.child == "evalkit":
+        res["checksum_ns"] = checksum_cost(store, args.batch)
+    print(json.dumps(res))
 
 
-def run_child(system: str, r: int, args: argparse.Namespace) -> float:
+def checksum_cost(store, batch: int) -> float:
+    """ns per vector of the checksum check alone (xxh3-64 over key | vector, one batch of rows
+    gathered from the largest segment, median of 7) - the verification's share of a read."""
+    from evalkit.embed._segments import checksums
+
+    seg = max(store._segments(None), key=lambda s: s.count)
+    rows = seg.rows(np.random.default_rng(0).integers(0, seg.count, batch))
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        checksums(rows, seg.row_bytes)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / len(rows) * 1e9
+
+
+def run_child(system: str, r: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", system, "--round", str(r), "--dir", str(args.dir),
            "--n", str(args.n), "--dim", str(args.dim), "--reads", str(args.reads),
            "--batch", str(args.batch)]  # fmt: skip
@@ -167,7 +186,7 @@ def run_child(system: str, r: int, args: argparse.Namespace) -> float:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if not res["ok"]:
         sys.exit(f"{system} served wrong or missing vectors in round {r}")
-    return res["rate"]
+    return res
 
 
 def main() -> None:
@@ -197,11 +216,17 @@ def main() -> None:
         build(args.dir, args.n, args.dim, peer=not args.no_peer)
         systems = ["evalkit"] + ([] if args.no_peer else ["peer"])
         rates: dict[str, list[float]] = {s: [] for s in systems}
+        checks = []
         for r in range(args.repeats):
             for system in systems if r % 2 == 0 else systems[::-1]:
-                rates[system].append(run_child(system, r, args))
-                print(f"round {r} {system:7s}: {rates[system][-1]:>12,.0f} vectors/s", flush=True)
+                res = run_child(system, r, args)
+                rates[system].append(res["rate"])
+                checks += [res["checksum_ns"]] if "checksum_ns" in res else []
+                print(f"round {r} {system:7s}: {res['rate']:>12,.0f} vectors/s", flush=True)
         med = {s: float(np.median(v)) for s, v in rates.items()}
+        check_ns = float(np.median(checks))
+        print(f"checksum verification: {check_ns:.0f} ns/vector = "
+              f"{check_ns * med['evalkit'] / 1e9:.0%} of evalkit's read time")  # fmt: skip
         peer = med.get("peer", float("nan"))
         print(f"store_read_per_s={med['evalkit']:.0f} peer_read_per_s={peer:.0f} "
               f"ratio={med['evalkit'] / peer:.2f}")  # fmt: skip

@@ -445,3 +445,17 @@ def test_disk_full_while_writing_leaves_the_store_as_it_was(tmp_path, monkeypatc
     assert store.count() == 50 and store.check() == []
     assert len(list((tmp_path / "s" / "segments").glob("*.eks"))) == 1
     _served_exactly(store, keys, vecs, damaged=set())
+
+
+def test_missing_segment_file_is_misses_then_fixed(tmp_path, caplog):
+    """Guards against: a deleted segment file crashing reads, or `check` passing a catalogue
+    that names a file which is gone."""
+    store, keys, vecs = _store_with(tmp_path)
+    _segment_file(store).unlink()
+    reader = EmbeddingStore(tmp_path / "s")
+    with caplog.at_level(logging.WARNING, logger="evalkit.embed.store"):
+        _served_exactly(reader, keys, vecs, damaged=set(range(50)))
+    assert any("no file" in r.getMessage() for r in caplog.records)
+    assert any("file not found" in p for p in reader.check())
+    reader.check(fix=True)
+    assert reader.check() == [] and reader.count() == 0
