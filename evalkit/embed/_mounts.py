@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from evalkit.errors import StoreError
+
 MOUNTINFO = "/proc/self/mountinfo"
 NETWORK_TYPES = {
     "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph",
@@ -86,3 +88,17 @@ def network_mount(path: str | os.PathLike, mountinfo: str | None = None) -> str 
         return None
     point, fstype, source = found
     return f"{fstype} ({source} mounted at {point})"
+
+
+def refuse_network_fs(directory: Path, allow: bool | None) -> None:
+    """StoreError with advice when `directory` is on a network/FUSE filesystem, unless `allow`
+    (None: $EVALKIT_STORE_ALLOW_NETWORK_FS set to anything but 0)."""
+    if allow is None:
+        allow = os.environ.get(ALLOW_ENV, "") not in ("", "0")
+    where = None if allow else network_mount(directory)
+    if where is not None:
+        raise StoreError(
+            f"embedding store {directory} is on a network/FUSE filesystem, {where}: SQLite's WAL "
+            f"is not safe there. Keep one store per host on a local disk and share precompute "
+            f"outputs (`evalkit encode --out`), not stores; set {ALLOW_ENV}=1 to override"
+        )

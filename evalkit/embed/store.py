@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from evalkit.embed import _catalog as cat
+from evalkit.embed._mounts import refuse_network_fs
 from evalkit.embed._segments import (
     CODES,
     DTYPE_OF,
@@ -106,20 +107,6 @@ def make_keys(fingerprint: str, texts: Iterable[str]) -> list[bytes]:
     return keys
 
 
-def _refuse_network_fs(directory: Path, allow: bool | None) -> None:
-    from evalkit.embed._mounts import ALLOW_ENV, network_mount
-
-    if allow is None:
-        allow = os.environ.get(ALLOW_ENV, "") not in ("", "0")
-    where = None if allow else network_mount(directory)
-    if where is not None:
-        raise StoreError(
-            f"embedding store {directory} is on a network/FUSE filesystem, {where}: SQLite's WAL "
-            f"is not safe there. Keep one store per host on a local disk and share precompute "
-            f"outputs (`evalkit encode --out`), not stores; set {ALLOW_ENV}=1 to override"
-        )
-
-
 class EmbeddingStore:
     """A directory of embeddings keyed by `make_keys(model_fingerprint, text)`.
 
@@ -153,7 +140,7 @@ class EmbeddingStore:
             raise StoreError(f"no embedding store at {self.directory} (no cache.db there)")
         if self.directory.exists() and not self.directory.is_dir():
             raise StoreError(f"cache path {self.directory} is a file; give a directory")
-        _refuse_network_fs(self.directory, allow_network_fs)
+        refuse_network_fs(self.directory, allow_network_fs)
         self.readonly = db.exists() and not (
             os.access(self.directory, os.W_OK) and os.access(db, os.W_OK)
         )
