@@ -3,7 +3,8 @@
 
 The peer is the same diskcache engine with one row per vector (evalkit's store format 1: the
 vector in diskcache's `value` column) read the best way that layout allows: sorted keys, one
-`SELECT key, value ... WHERE key IN (...)` per 2,000 keys inside one read transaction.
+`SELECT key, value ... WHERE key IN (...)` per 2,000 keys inside one read transaction, the
+database memory-mapped whole and a 256 MiB page cache.
 
 1. build, once (reused with --dir): N entries of D-dim float32 random vectors, keyed like the
    encoder keys texts (`make_keys(fp, ["text i"])`), written as the encoder writes them
@@ -147,6 +148,8 @@ def child(args: argparse.Namespace) -> None:
         import sqlite3
 
         con = sqlite3.connect(str(args.dir / "peer" / "cache.db"), isolation_level=None)
+        con.execute("PRAGMA mmap_size = 17179869184")  # its fastest setting: the file mapped
+        con.execute("PRAGMA cache_size = -262144")  # (2x faster than diskcache's defaults)
         for i, batch in enumerate(batches):
             consume(i * args.batch, *peer_get_many(con, batch, args.dim))
     seconds = time.perf_counter() - t0
