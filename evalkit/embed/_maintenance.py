@@ -151,8 +151,8 @@ def clear(store: Any, model: str | None) -> int:
         removed = sum(h[2] for _, h in store._headers(model) if h is not None)
         removed += cat.delete_legacy(con, model)
         if model is None:
+            drop_orphans(store, txn)  # before the DELETE: only files no committed row names
             con.execute("DELETE FROM Cache")
-            drop_orphans(store, txn)
         else:
             cat.delete_rowids(con, [row.rowid for row in rows])
             con.execute("DELETE FROM Cache WHERE key = ?", (cat.meta_key(model),))
@@ -265,6 +265,7 @@ def _check(store: Any, fix: bool) -> list[str]:
 def _fix(store: Any, drop: set[bytes], mend: dict[bytes, Segment], bad_meta, others) -> None:
     """Apply check's findings in one transaction, to the rows that are still there."""
     with store._transaction() as txn:
+        drop_orphans(store, txn)
         rows = {row.key: row for row in cat.segment_rows(txn.con)}  # listed again, under the lock
         gone = [rows[k] for k in drop if k in rows]
         cat.delete_rowids(txn.con, [r.rowid for r in gone])
@@ -276,7 +277,6 @@ def _fix(store: Any, drop: set[bytes], mend: dict[bytes, Segment], bad_meta, oth
             sql = "DELETE FROM Cache WHERE rowid = ?" + (" AND key = ?" if key else "")
             txn.con.execute(sql, (rowid, key) if key else (rowid,))
         cat.delete_legacy(txn.con)
-        drop_orphans(store, txn)
 
 
 def _json_ok(value: Any) -> bool:

@@ -147,7 +147,12 @@ class EmbeddingStore:
         if not db.exists():
             self.cache  # noqa: B018 - creates the directory and diskcache's tables
         with cat.sqlite_errors(self.directory):  # a readable diskcache directory?
-            self._con.execute("SELECT COUNT(*) FROM Settings").fetchone()
+            try:
+                self._con.execute("SELECT COUNT(*) FROM Settings").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc) or self.readonly:
+                    raise
+                self.cache  # noqa: B018 - a cache.db still being created: diskcache finishes it
 
     # -- plumbing ---------------------------------------------------------------------------
     @property

@@ -281,3 +281,13 @@ def test_reader_during_writes_and_merges(tmp_path):
         proc.wait(timeout=120)
     assert proc.returncode == 0, proc.stderr.read()
     assert checked == 40 and len(reader._headers("fp")) <= 6
+
+
+def test_opening_a_store_another_process_is_creating(tmp_path):
+    """Guards against: a reader that opens cache.db between its creation and diskcache's tables
+    (another process starting a job on a new store) failing with "no such table"."""
+    (tmp_path / "cache.db").touch()
+    store = EmbeddingStore(tmp_path)
+    assert store.count() == 0
+    store.put_many(make_keys("fp", ["a"]), _vectors(1), model="fp")
+    assert store.get_many(make_keys("fp", ["a"]))[1].all()
