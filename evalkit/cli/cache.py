@@ -16,7 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="embedding store: entries per model, clear, consistency check",
         description=(
             "Inspect and maintain the embedding store. Entries are keyed by (model fingerprint, "
-            "text); nothing is ever evicted automatically, so use `clear` to free space."
+            "text); nothing is ever evicted automatically, so use `clear` to free space. "
+            "`check` verifies every stored vector's checksum; `check --fix` rewrites damaged "
+            "segments without their bad rows (they are re-encoded on use). `clear` on a store "
+            "whose database is damaged deletes the store's files."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -41,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -49,51 +52,86 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _print_info(info: dict) -> None:
+    print(
+        f"{info['directory']} (store format {info['format']}): {info['entries']} entries, "
+        f"{_size(info['bytes'])} of vectors, {_size(info['disk_bytes'])} on disk"
+    )
+    for fp, m in sorted(info["models"].items(), key=lambda kv: -kv[1]["entries"]):
+        print(
+            f"  {fp}  {m['entries']:>10} entries  {_size(m['bytes']):>10}  dim {m['dim']} "
+            f"{m['dtype']}  {m['segments']} segment(s)"
+        )
+        meta = m.get("meta")
+        if meta:
+            libs = ", ".join(
+                f"{k} {v}" for k, v in sorted(meta.items()) if k not in ("device", "gpu")
+            )
+            where = meta.get("device", "?") + (f" ({meta['gpu']})" if meta.get("gpu") else "")
+            print(f"      first written on {where}" + (f" with {libs}" if libs else ""))
+        if m.get("legacy_entries"):
+            print(f"      + {m['legacy_entries']} format-1 entries (no checksum; never served)")
+    if info.get("legacy_entries"):
+        print(
+            f"{info['legacy_entries']} format-1 entries are never served; "
+            f"`evalkit cache check --fix` removes them"
+        )
+
+
+def _clear(args: argparse.Namespace, directory) -> int:
+    from evalkit.embed._catalog import DamagedStoreError
+    from evalkit.embed.store import EmbeddingStore, wipe
+
+    try:
+        store = EmbeddingStore(directory, create=False)
+        if args.model and not store.has_model(args.model):
+            raise EvalkitError(
+                f"no entries for model fingerprint {args.model} in {store.directory}; "
+                f"see `evalkit cache info`"
+            )
+        removed = store.clear(model=args.model)
+    except DamagedStoreError:
+        if args.model:
+            raise
+        print(f"{directory}: the store's database was damaged; removed its {wipe(directory)} "
+              f"file(s): the store starts empty")  # fmt: skip
+        return 0
+    model = f" of model {args.model}" if args.model else ""
+    print(f"removed {removed} entries{model} from {store.directory}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from evalkit.embed.store import EmbeddingStore, default_cache_dir
 
-    store = EmbeddingStore(args.cache or default_cache_dir(), create=False)
+    directory = args.cache or default_cache_dir()
+    if args.action == "clear":
+        return _clear(args, directory)
+    store = EmbeddingStore(directory, create=False)
     if args.action == "info":
         info = store.info()
         if args.json:
             json.dump(info, sys.stdout, indent=1)
             print()
-            return 0
-        print(
-            f"{info['directory']}: {info['entries']} entries, {_size(info['bytes'])} of vectors, {_size(info['disk_bytes'])} on disk"
-        )
-        for fp, m in sorted(info["models"].items(), key=lambda kv: -kv[1]["entries"]):
-            print(
-                f"  {fp}  {m['entries']:>10} entries  {_size(m['bytes']):>10}  dim {m['dim']} {m['dtype']}"
-            )
-        return 0
-    if args.action == "clear":
-        if args.model and not store.has_model(args.model):
-            raise EvalkitError(
-                f"no entries for model fingerprint {args.model} in {store.directory}; see `evalkit cache info`"
-            )
-        removed = store.clear(model=args.model)
-        print(
-            f"removed {removed} entries"
-            + (f" of model {args.model}" if args.model else "")
-            + f" from {store.directory}"
-        )
+        else:
+            _print_info(info)
         return 0
     problems = store.check(fix=args.fix)
+    remaining = store.check() if args.fix and problems else problems
     if args.json:
-        json.dump(
-            {"directory": str(store.directory), "problems": problems, "fixed": args.fix},
-            sys.stdout,
-            indent=1,
-        )
+        report = {"directory": str(store.directory), "problems": problems, "fixed": args.fix,
+                  "remaining": remaining}  # fmt: skip
+        json.dump(report, sys.stdout, indent=1)
         print()
     elif problems:
         for p in problems:
             print(p)
-        print(
-            f"{len(problems)} problem(s) in {store.directory}"
-            + (" (fixed)" if args.fix else "; rerun with --fix")
-        )
+        if not args.fix:
+            print(f"{len(problems)} problem(s) in {store.directory}; rerun with --fix")
+        elif remaining:
+            print(f"{len(remaining)} problem(s) remain in {store.directory} after --fix")
+        else:
+            print(f"{len(problems)} problem(s) in {store.directory} (fixed)")
     else:
         print(f"{store.directory}: ok ({store.count()} entries)")
-    return 1 if problems and not args.fix else 0
+    return 1 if remaining else 0

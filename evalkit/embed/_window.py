@@ -101,10 +101,13 @@ def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 class Lookup:
     """Which keys can be served, and from where (see steps 2 and 4 of the module docstring)."""
 
-    def __init__(self, store: Any, fingerprint: str, dim: int | None) -> None:
+    def __init__(
+        self, store: Any, fingerprint: str, dim: int | None, meta: dict | None = None
+    ) -> None:
         self.store = store
         self.fp = fingerprint
         self.dim = dim
+        self.meta = meta  # library versions and device, recorded with the first write
         self.cold = store is not None and not store.has_model(fingerprint)
         self.written: set[bytes] = set()
         self.pending: dict[bytes, np.ndarray] = {}
@@ -130,7 +133,7 @@ class Lookup:
             elif not self.cold or key in self.written:
                 ask.append(i)
         if ask:
-            got, ok = self.store.get_many([keys[i] for i in ask], dim=self.dim)
+            got, ok = self.store.get_many([keys[i] for i in ask], dim=self.dim, model=self.fp)
             if ok.any():
                 if vecs is None:
                     vecs = np.zeros((n, got.shape[1]), dtype=np.float32)
@@ -142,13 +145,22 @@ class Lookup:
     def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
         if self.store is None or not keys:
             return
+        self.store.require_writable()  # before the window is served, not in the writer thread
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            raise EvalkitError(
+                f"the model produced {int(bad.sum())} non-finite embedding(s) (NaN/inf) in this "
+                f"window; nothing of it was stored. Check the model's weights and precision"
+            )
         self.wait()
         self.pending = dict(zip(keys, vectors, strict=True))
         if self.cold:
             self.written.update(keys)
             if len(self.written) > COLD_SET_LIMIT:
                 self.cold, self.written = False, set()
-        self._future = self._writer.submit(self.store.put_many, keys, vectors, model=self.fp)
+        self._future = self._writer.submit(
+            self.store.put_many, keys, vectors, model=self.fp, meta=self.meta
+        )
 
     def wait(self) -> None:
         if self._future is not None:

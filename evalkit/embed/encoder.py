@@ -198,7 +198,10 @@ class StreamingEncoder:
 
     def _get_lookup(self) -> Lookup:
         if self._lookup is None:
-            self._lookup = Lookup(self.store, self.fingerprint, self._dim)
+            from evalkit.embed.models import runtime_meta
+
+            meta = runtime_meta(self.model)
+            self._lookup = Lookup(self.store, self.fingerprint, self._dim, meta)
         return self._lookup
 
     # ------------------------------------------------------------------------------ encoding
@@ -287,7 +290,8 @@ class StreamingEncoder:
         from evalkit.embed.store import make_keys
 
         uniq, inverse = dedupe(texts)
-        vectors, found = self.store.get_many(make_keys(self._fingerprint, uniq))
+        keys = make_keys(self._fingerprint, uniq)
+        vectors, found = self.store.get_many(keys, model=self._fingerprint)
         if not found.all():
             return None
         self._dim = self._dim or (vectors.shape[1] if len(uniq) else None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,3 +134,29 @@ def amp_dtype(model: Any, amp: str | bool | None) -> Any:
     if amp in ("bfloat16", "bf16"):
         return torch.bfloat16
     raise EvalkitError(f"amp must be auto, off, float16 or bfloat16; got {amp!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("torch", "transformers", "sentence-transformers", "evalkit"):
+        try:
+            found.append((dist, version(dist)))
+        except PackageNotFoundError:
+            found.append((dist, "absent"))
+    return tuple(found)
+
+
+def runtime_meta(model: Any) -> dict[str, str]:
+    """What the store records (not keys on) for a model fingerprint's first write: library
+    versions, the device and, on CUDA, the GPU name (`evalkit cache info` shows them)."""
+    meta = dict(_library_versions())
+    device = getattr(model, "device", None)
+    meta["device"] = str(device) if device is not None else "unknown"
+    if meta["device"].startswith("cuda"):
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    return meta

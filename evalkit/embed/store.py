@@ -1,57 +1,75 @@
-"""Content-addressed embedding store on diskcache.
+"""Content-addressed embedding store on diskcache (store format 2: checksummed segments).
 
-Layout: one diskcache `Cache` directory (SQLite in WAL mode). Each embedding is one row of
-diskcache's own `Cache` table, so `diskcache.Cache(dir)` still opens and checks it:
+Layout: one diskcache `Cache` directory. Vectors live in immutable *segment* files under
+`segments/` (`evalkit.embed._segments`: sorted keys, a compact 8-byte key index, and records of
+key | vector | xxh3-64 checksum); diskcache's SQLite table (`cache.db`, WAL mode) is the
+catalogue (`evalkit.embed._catalog`): one row per segment, as a diskcache file value, so plain
+`diskcache.Cache(dir)` still opens, reads and checks the directory.
 
-- key   = 16-byte BLAKE2b digest of (model fingerprint, text)  (`make_keys`), stored raw;
-- value = 8-byte header (magic b"EK", dtype code, 0, dim as uint32) + the vector's raw bytes
-          (float32 by default, float16 on request); dim and dtype are checked on every read;
-- tag   = the model fingerprint (indexed), which powers `info()` per model and `clear(model=...)`.
+- key   = BLAKE2b-128 of (model fingerprint, text) (`make_keys`);
+- every read verifies each row's checksum over key | vector: a row that fails is a miss (the
+  encoder re-encodes it, and the write that follows rewrites the damaged segment without it),
+  logged once per segment; a damaged segment header makes the whole segment a miss;
+- format-1 rows (one vector per row, no checksum) are never served: they are misses.
 
-Algorithm of the batch API (the layout decides the speed: per-item diskcache.get() manages
-~25k reads/s, one batched SELECT ~100k+ rows/s):
+Algorithm:
 
-1. `get_many(keys)`: sorted, de-duplicated keys -> `SELECT key, value ... WHERE key IN (...)`
-   in chunks, inside ONE read transaction (a consistent snapshot) -> one `np.frombuffer` over
-   the joined values, headers checked vectorised -> (vectors float32 [n, dim], found mask [n]).
-2. `put_many(keys, vectors, model=fp)`: one `BEGIN IMMEDIATE` transaction with
-   `INSERT OR IGNORE` (content addressed: an existing key already holds this value). SQLite's
-   WAL makes it atomic: a process killed mid-write leaves the store as it was before that call;
-   concurrent writers from several processes wait on the write lock (60 s busy timeout, then retry).
+1. `get_many(keys)`: sort the keys' 8-byte prefixes; list the segments (one indexed SELECT);
+   for each segment, oldest first, `np.searchsorted` the keys still missing, gather their
+   records with one `np.take` from the memory-mapped file, verify them, and copy the vectors
+   out -> (vectors float32 [n, dim], found mask [n]).
+2. `put_many(keys, vectors, model=fp)`: refuse non-finite vectors; take the write lock
+   (`BEGIN IMMEDIATE`, bounded wait); drop keys that already have a verified row; write the
+   rest as one new segment (exclusive create, fsync) and add its catalogue row; COMMIT. A
+   process killed before COMMIT leaves the store as it was (plus an unreferenced file that the
+   next write removes); concurrent writers queue on the lock.
+3. compaction, after each write, one transaction per merge: `plan_merge` (size-tiered, fanout
+   4, at most 2 GiB per merged segment) picks same-tier segments of the model; their verified
+   rows are merged into one new segment (oldest copy of a key wins) and the inputs are deleted
+   after COMMIT (readers that still map them keep reading them). So a store keeps O(log n)
+   segments per model and a lookup stays a handful of `searchsorted` calls.
 
-Eviction, deliberately: diskcache's defaults (1 GiB size limit, least-recently-stored culling)
-would silently drop embeddings. This store uses `eviction_policy="none"` and a size limit of
-2**62 bytes, so nothing is ever evicted behind the user's back; free space explicitly with
-`clear(model=...)` / `evalkit cache clear`. Reads therefore never write (no access-time updates).
+Nothing is evicted (diskcache's culling is off: `eviction_policy="none"`); free space with
+`clear(model=...)` / `evalkit cache clear`. A read-only directory is opened read-only: reads are
+served, writes raise "store is read-only". Network and FUSE filesystems are refused
+(`evalkit.embed._mounts`) unless `allow_network_fs=True` or $EVALKIT_STORE_ALLOW_NETWORK_FS=1.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
-import struct
-import time
+import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evalkit.embed import _catalog as cat
+from evalkit.embed._mounts import refuse_network_fs
+from evalkit.embed._segments import (
+    CODES,
+    DTYPE_OF,
+    KEY_BYTES,
+    Segment,
+    SegmentError,
+    key_matrix,
+    parse_header,
+    prefixes,
+    write_segment,
+)
 from evalkit.errors import StoreError
 
-MAGIC = b"EK"
-HEADER = 8
-DTYPES = {"float32": (b"f", np.dtype("<f4")), "float16": (b"h", np.dtype("<f2"))}
-_CODE_TO_DTYPE = {code: name for name, (code, _) in DTYPES.items()}
+DTYPES = {name: (code, DTYPE_OF[code]) for name, code in CODES.items()}
 SIZE_LIMIT = 2**62
-KEY_BYTES = 16
-_CHUNK = 2000  # keys per SELECT ... IN (...) (SQLite >= 3.32 allows 32766 host parameters)
-_RAW = 1  # diskcache MODE_RAW: value column holds the bytes as they are
-_INSERT = (
-    "INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
-    " tag, size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, 0, 1, NULL, ?)"
-)
+FORMAT = 2
+SEGMENT_DIR = cat.SEGMENT_DIR
+logger = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()  # (directory, segment) already reported in this process
 
 
 def default_cache_dir() -> Path:
@@ -89,15 +107,13 @@ def make_keys(fingerprint: str, texts: Iterable[str]) -> list[bytes]:
     return keys
 
 
-def header(dtype: str, dim: int) -> bytes:
-    return MAGIC + DTYPES[dtype][0] + b"\x00" + struct.pack("<I", dim)
-
-
 class EmbeddingStore:
     """A directory of embeddings keyed by `make_keys(model_fingerprint, text)`.
 
-    `dtype` is the precision vectors are stored in ("float32" or "float16"); reads always
-    return float32. `timeout` is SQLite's busy timeout when another process holds the write lock.
+    `dtype` is the precision vectors are stored in ("float32" or "float16"); reads always return
+    float32. `timeout`: the longest wait (s) for another process's write lock before a
+    StoreError. `allow_network_fs`: open a store on NFS/SMB/FUSE anyway (default: refuse, unless
+    $EVALKIT_STORE_ALLOW_NETWORK_FS=1).
     """
 
     def __init__(
@@ -107,37 +123,103 @@ class EmbeddingStore:
         dtype: str = "float32",
         timeout: float = 60.0,
         create: bool = True,
+        allow_network_fs: bool | None = None,
     ) -> None:
-        import diskcache
-
         self.directory = Path(
             directory if directory is not None else default_cache_dir()
         ).expanduser()
         self.dtype = _check_dtype(dtype)
         self._np_dtype = DTYPES[self.dtype][1]
-        if not create and not (self.directory / "cache.db").exists():
+        self.timeout, self._allow_network_fs = float(timeout), allow_network_fs
+        self._cache: Any = None  # the diskcache.Cache, opened on the first write
+        self._local = threading.local()
+        self._segments_open: dict[str, tuple[str, Segment]] = {}  # filename -> (tag, map)
+        self._lock = threading.Lock()
+        db = self.directory / "cache.db"
+        if not create and not db.exists():
             raise StoreError(f"no embedding store at {self.directory} (no cache.db there)")
         if self.directory.exists() and not self.directory.is_dir():
             raise StoreError(f"cache path {self.directory} is a file; give a directory")
-        try:
-            self.cache = diskcache.Cache(
-                str(self.directory),
-                timeout=timeout,
-                eviction_policy="none",
-                size_limit=SIZE_LIMIT,
-                cull_limit=0,
-                tag_index=True,
-                statistics=False,
-            )
-        except (sqlite3.DatabaseError, OSError) as exc:
-            raise StoreError(f"cannot open embedding store {self.directory}: {exc}") from exc
+        refuse_network_fs(self.directory, allow_network_fs)
+        self.readonly = db.exists() and not (
+            os.access(self.directory, os.W_OK) and os.access(db, os.W_OK)
+        )
+        if not db.exists():
+            self.cache  # noqa: B018 - creates the directory and diskcache's tables
+        with cat.sqlite_errors(self.directory):  # a readable diskcache directory?
+            try:
+                self._con.execute("SELECT COUNT(*) FROM Settings").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc) or self.readonly:
+                    raise
+                self.cache  # noqa: B018 - a cache.db still being created: diskcache finishes it
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _transact(self):
-        return self.cache._transact(retry=True)
+    @property
+    def cache(self) -> Any:
+        """The directory's diskcache.Cache, opened on first use (opening writes its settings,
+        so readers never open it)."""
+        if self._cache is None:
+            import diskcache
+
+            self.require_writable()
+            try:
+                self._cache = diskcache.Cache(
+                    str(self.directory),
+                    timeout=self.timeout,
+                    eviction_policy="none",
+                    size_limit=SIZE_LIMIT,
+                    cull_limit=0,
+                    tag_index=True,
+                    statistics=False,
+                )
+            except sqlite3.Error as exc:
+                raise cat.translate(self.directory, exc) from exc
+            except OSError as exc:
+                raise StoreError(f"cannot open embedding store {self.directory}: {exc}") from exc
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:  # damaged Settings
+                raise cat.damaged(self.directory, f"unreadable settings: {exc!r}") from exc
+        return self._cache
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        """This thread's reading connection (read-only when the directory is not writable)."""
+        con = getattr(self._local, "con", None)
+        if con is None or getattr(self._local, "pid", None) != os.getpid():
+            path = (self.directory / "cache.db").resolve()
+            if not self.readonly:
+                con = sqlite3.connect(str(path), timeout=self.timeout, isolation_level=None)
+            else:
+                try:
+                    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=self.timeout)
+                    con.execute("SELECT 1 FROM Settings LIMIT 1")
+                except sqlite3.OperationalError:  # WAL without -shm in a read-only directory
+                    con = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+                con.isolation_level = None
+            self._local.con, self._local.pid = con, os.getpid()
+        return con
+
+    def require_writable(self) -> None:
+        """StoreError "store is read-only" unless this store can take writes."""
+        if self.readonly:
+            raise StoreError(
+                f"store is read-only ({self.directory}: reads are served, new vectors cannot be "
+                f"saved); use --no-cache, or a writable --cache DIR"
+            )
+
+    def _transaction(self):
+        """A write transaction (bounded wait for the lock) on this thread's diskcache connection."""
+        return cat.transaction(self.cache._con, self.directory)
 
     def close(self) -> None:
-        self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+        with self._lock:
+            self._segments_open.clear()
 
     def __enter__(self) -> EmbeddingStore:
         return self
@@ -149,87 +231,149 @@ class EmbeddingStore:
         return {
             "directory": str(self.directory),
             "dtype": self.dtype,
-            "timeout": self.cache.timeout,
+            "timeout": self.timeout,
+            "allow_network_fs": self._allow_network_fs,
         }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["directory"], dtype=state["dtype"], timeout=state["timeout"])
+        self.__init__(
+            state["directory"],
+            dtype=state["dtype"],
+            timeout=state["timeout"],
+            allow_network_fs=state.get("allow_network_fs"),
+        )
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({str(self.directory)!r}, dtype={self.dtype!r})"
 
+    # -- segments ---------------------------------------------------------------------------
+    def _warn_once(self, name: str, message: str) -> None:
+        if (str(self.directory), name) not in _WARNED:
+            _WARNED.add((str(self.directory), name))
+            logger.warning(
+                "embedding store %s: %s; served as misses (re-encoded). "
+                "Run `evalkit cache check --fix --cache %s`",
+                self.directory,
+                message,
+                self.directory,
+            )
+
+    def _segments(self, model: str | None, con: sqlite3.Connection | None = None) -> list[Segment]:
+        """The model's (or every) segment, oldest first, opened and memory-mapped. Maps of
+        segments merged away are dropped (their disk space is freed once nothing uses them)."""
+        for _attempt in range(3):
+            with cat.sqlite_errors(self.directory):
+                rows = cat.segment_rows(con or self._con, model)
+            out, vanished = [], False
+            for row in rows:
+                tag, seg = self._segments_open.get(row.filename, (None, None))
+                if seg is None or seg.header != row.header:
+                    try:
+                        seg = Segment(self.directory / row.filename, row.header)
+                    except FileNotFoundError:
+                        vanished = True  # merged away since the SELECT: list again
+                        continue
+                    except SegmentError as exc:
+                        self._warn_once(row.filename, f"segment {row.filename}: {exc}")
+                        continue
+                    with self._lock:
+                        self._segments_open[row.filename] = (row.tag, seg)
+                out.append(seg)
+            if not vanished:
+                break
+        else:
+            self._warn_once("missing", "a segment listed in the catalogue has no file")
+        live = {row.filename for row in rows}
+        with self._lock:
+            for name, (tag, _) in list(self._segments_open.items()):
+                if name not in live and (model is None or tag == model):
+                    del self._segments_open[name]
+        return out
+
+    def _find(
+        self, segments: list[Segment], kmat: np.ndarray, on_hit: Any = None
+    ) -> tuple[np.ndarray, list[Segment]]:
+        """Verified lookup of keys `kmat` (uint8 [n, 16]) in `segments` (the first verified copy
+        wins). Calls `on_hit(segment, query indices, rows)`; returns (found mask, segments in
+        which a candidate row failed verification)."""
+        n = len(kmat)
+        pre = prefixes(kmat)
+        order = np.argsort(pre, kind="stable")
+        spre, skeys = pre[order], kmat[order]
+        found = np.zeros(n, dtype=bool)
+        left = np.arange(n)
+        damaged = []
+        for seg in segments:
+            if not len(left):
+                break
+            everything = len(left) == n  # no copy of the queries for the first segment
+            q_pre, q_keys = (spre, skeys) if everything else (spre[left], skeys[left])
+            idx, rows, hit, bad = seg.find(q_pre, q_keys)
+            if bad:
+                damaged.append(seg)
+                self._warn_once(seg.path.name, f"{bad} row(s) of segment {seg.path.name} fail "
+                                "their checksum")  # fmt: skip
+            if len(idx):
+                dst = order[left[idx]]
+                found[dst] = True
+                if on_hit is not None:
+                    on_hit(seg, dst, rows)
+                left = left[~hit]
+        return found, damaged
+
     # -- batch API --------------------------------------------------------------------------
     def get_many(
-        self, keys: Sequence[bytes], *, dim: int | None = None
+        self, keys: Sequence[bytes], *, dim: int | None = None, model: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Look up `keys` in one read transaction.
+        """Look up `keys`; every row served has passed its checksum.
 
         Returns (vectors float32 [n, dim], found bool [n]); rows not found are zeros. `dim`, when
         given, is checked against what is stored (and sets the shape when nothing is found).
+        `model` (the fingerprint the keys were made with) limits the search to its segments.
         """
         n = len(keys)
-        found = np.zeros(n, dtype=bool)
         if n == 0:
-            return np.zeros((0, dim or 0), dtype=np.float32), found
-        unique = sorted(set(keys))
-        rows: dict[bytes, bytes] = {}
-        con = self.cache._con
-        own = not con.in_transaction
-        if own:
-            con.execute("BEGIN")  # one snapshot for all chunks
-        try:
-            for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start : start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT key, value FROM Cache WHERE raw = 1 AND key IN ({marks})"
-                rows.update(con.execute(sql, chunk).fetchall())
-        finally:
-            if own:
-                con.execute("COMMIT")
-        if not rows:
-            return np.zeros((n, dim or 0), dtype=np.float32), found
-        values = list(rows.values())
-        first = values[0]
-        if len(first) < HEADER or first[:2] != MAGIC:
-            raise StoreError(
-                f"store {self.directory} holds a value that is not an evalkit embedding; run `evalkit cache check`"
-            )
-        stored_dim = struct.unpack("<I", first[4:8])[0]
-        if dim is not None and stored_dim != dim:
-            raise StoreError(
-                f"store {self.directory}: stored vectors have dim {stored_dim}, expected {dim}"
-            )
-        dtype_name = _CODE_TO_DTYPE.get(first[2:3])
-        if dtype_name != self.dtype:
-            raise StoreError(
-                f"store {self.directory}: stored vectors are {dtype_name}, this store reads {self.dtype}"
-            )
-        row_bytes = HEADER + stored_dim * self._np_dtype.itemsize
-        blob = b"".join(values)
-        if len(blob) != row_bytes * len(values):
-            raise StoreError(
-                f"store {self.directory}: vectors of different sizes found; run `evalkit cache check`"
-            )
-        table = np.frombuffer(blob, dtype=np.uint8).reshape(len(values), row_bytes)
-        expected = np.frombuffer(header(self.dtype, stored_dim), dtype=np.uint8)
-        if not (table[:, :HEADER] == expected).all():
-            raise StoreError(
-                f"store {self.directory}: vectors of different dtype/dim found; run `evalkit cache check`"
-            )
-        vecs = table[:, HEADER:].copy().view(self._np_dtype).astype(np.float32, copy=False)
-        index = {key: i for i, key in enumerate(rows)}
-        out = np.zeros((n, stored_dim), dtype=np.float32)
-        pos = [index.get(k, -1) for k in keys]
-        pos_arr = np.fromiter(pos, dtype=np.int64, count=n)
-        found = pos_arr >= 0
-        out[found] = vecs[pos_arr[found]]
-        return out, found
+            return np.zeros((0, dim or 0), dtype=np.float32), np.zeros(0, dtype=bool)
+        kmat = self._key_matrix(keys)
+        out: list[np.ndarray] = []
 
-    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray, *, model: str) -> int:
+        def take(seg: Segment, dst: np.ndarray, rows: np.ndarray) -> None:
+            if seg.dtype != self.dtype:
+                raise StoreError(
+                    f"store {self.directory}: stored vectors are {seg.dtype}, this store reads "
+                    f"{self.dtype}"
+                )
+            if dim is not None and seg.dim != dim:
+                raise StoreError(
+                    f"store {self.directory}: stored vectors have dim {seg.dim}, expected {dim}"
+                )
+            if not out:  # rows not found are zeroed at the end
+                out.append(np.empty((n, seg.dim), dtype=np.float32))
+            elif out[0].shape[1] != seg.dim:
+                raise StoreError(f"store {self.directory}: vectors of different sizes found")
+            out[0][dst] = seg.vectors(rows)
+
+        found, _ = self._find(self._segments(model), kmat, take)
+        if not out:
+            return np.zeros((n, dim or 0), dtype=np.float32), found
+        if not found.all():
+            out[0][~found] = 0.0
+        return out[0], found
+
+    def _key_matrix(self, keys: Sequence[bytes]) -> np.ndarray:
+        try:
+            return key_matrix(keys)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"store {self.directory}: {exc}") from exc
+
+    def put_many(
+        self, keys: Sequence[bytes], vectors: np.ndarray, *, model: str, meta: dict | None = None
+    ) -> int:
         """Store `vectors[i]` under `keys[i]` (tagged with fingerprint `model`) in ONE transaction.
 
-        Existing keys are left as they are. Returns the number of keys given.
-        """
+        Keys that already have a verified row are left as they are. Non-finite vectors are
+        refused (StoreError) and nothing is written. `meta` (JSON-able: library versions, device)
+        is recorded for `model` on its first write. Returns the number of keys given."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] != len(keys):
             raise StoreError(
@@ -239,105 +383,113 @@ class EmbeddingStore:
             raise StoreError("put_many: model= must be the model fingerprint (a non-empty string)")
         if len(keys) == 0:
             return 0
-        data = np.ascontiguousarray(vectors, dtype=self._np_dtype)
-        head = header(self.dtype, data.shape[1])
-        raw = data.tobytes()
-        step = data.shape[1] * self._np_dtype.itemsize
-        now = time.time()
-        rows = [
-            (sqlite3.Binary(key), now, now, model, head + raw[i * step : (i + 1) * step])
-            for i, key in enumerate(keys)
-        ]
-        with self._transact() as (sql, _):
-            sql("SELECT 1 FROM Cache LIMIT 0")  # make sure the schema is there
-            self.cache._con.executemany(_INSERT, rows)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is refused below
+            data = np.asarray(vectors, dtype=self._np_dtype)
+        bad = ~np.isfinite(data).all(axis=1)
+        if bad.any():
+            raise StoreError(
+                f"refusing to store {int(bad.sum())} non-finite vector(s) (NaN/inf in {self.dtype}, "
+                f"first at row {int(np.argmax(bad))}); nothing was written"
+            )
+        self.require_writable()
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        pick = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        kmat, data = self._key_matrix(list(first)), data[pick]
+        with cat.sqlite_errors(self.directory), self._transaction() as txn:
+            segs = self._segments(model, txn.con)
+            for seg in segs:
+                if (seg.dtype, seg.dim) != (self.dtype, data.shape[1]):
+                    raise StoreError(
+                        f"store {self.directory} holds {seg.dtype} vectors of dim {seg.dim} for "
+                        f"this model; got {self.dtype} of dim {data.shape[1]}"
+                    )
+            have, damaged = self._find(segs, kmat)
+            if not have.all():
+                self._add_segment(txn, model, kmat[~have], data[~have])
+            if meta is not None:
+                cat.put_meta(txn.con, model, meta)
+        self._compact(model, repair={f"{SEGMENT_DIR}/{seg.path.name}" for seg in damaged})
         return len(keys)
 
+    def _add_segment(self, txn: cat.Transaction, model: str, kmat, data) -> None:
+        name = f"{SEGMENT_DIR}/{uuid.uuid4().hex}.eks"
+        path = self.directory / name
+        try:
+            size = write_segment(path, kmat, data, self.dtype, model)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        seg = Segment(path)
+        cat.insert_segment(txn.con, cat.SEG + uuid.uuid4().bytes, model, name, size, seg.header)
+
+    def _compact(self, model: str, repair: set[str] = frozenset()) -> None:
+        """Compaction after a committed write; a lock held elsewhere for longer than the timeout
+        only postpones it to the next write (the vectors are stored already)."""
+        from evalkit.embed._maintenance import compact
+
+        try:
+            with cat.sqlite_errors(self.directory):
+                compact(self, model, set(repair))
+        except cat.StoreLockedError as exc:
+            logger.debug("compaction of %s postponed: %s", self.directory, exc)
+
     # -- statistics and maintenance ---------------------------------------------------------
+    def _headers(self, model: str | None = None) -> list[tuple[cat.SegmentRow, tuple | None]]:
+        with cat.sqlite_errors(self.directory):
+            rows = cat.segment_rows(self._con, model)
+        out = []
+        for row in rows:
+            try:
+                out.append((row, parse_header(row.header)))
+            except SegmentError:
+                out.append((row, None))
+        return out
+
     def count(self, model: str | None = None) -> int:
-        """Entries stored (for one model fingerprint when `model` is given)."""
-        con = self.cache._con
-        if model is None:
-            return con.execute("SELECT COUNT(*) FROM Cache").fetchone()[0]
-        return con.execute("SELECT COUNT(*) FROM Cache WHERE tag = ?", (model,)).fetchone()[0]
+        """Entries stored in segments (for one model fingerprint when `model` is given)."""
+        return sum(h[2] for _, h in self._headers(model) if h is not None)
 
     def has_model(self, model: str) -> bool:
-        """True when at least one entry is stored for fingerprint `model` (one index probe)."""
-        row = self.cache._con.execute(
-            "SELECT 1 FROM Cache WHERE tag = ? LIMIT 1", (model,)
-        ).fetchone()
-        return row is not None
+        """True when at least one segment is stored for fingerprint `model` (one index probe)."""
+        return bool(self._headers(model))
 
     def info(self) -> dict:
-        """{"directory", "entries", "bytes" (values), "disk_bytes", "models": {fp: {"entries", "bytes", "dim", "dtype"}}}."""
-        con = self.cache._con
-        models: dict[str, dict] = {}
-        for tag, entries, nbytes in con.execute(
-            "SELECT tag, COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM Cache GROUP BY tag"
-        ):
-            head = con.execute(
-                "SELECT substr(value, 1, 8) FROM Cache WHERE tag IS ? LIMIT 1", (tag,)
-            ).fetchone()[0]
-            dim = dtype = None
-            if head is not None and len(head) == HEADER and head[:2] == MAGIC:
-                dim = struct.unpack("<I", head[4:8])[0]
-                dtype = _CODE_TO_DTYPE.get(head[2:3])
-            models[str(tag)] = {"entries": entries, "bytes": nbytes, "dim": dim, "dtype": dtype}
-        disk = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
-        return {
-            "directory": str(self.directory),
-            "entries": sum(m["entries"] for m in models.values()),
-            "bytes": sum(m["bytes"] for m in models.values()),
-            "disk_bytes": disk,
-            "models": models,
-        }
+        from evalkit.embed._maintenance import store_info
+
+        with cat.sqlite_errors(self.directory):
+            return store_info(self)
 
     def clear(self, model: str | None = None) -> int:
-        """Delete every entry (or only those of fingerprint `model`); returns how many."""
-        with self._transact() as (sql, _):
-            if model is None:
-                removed = sql("DELETE FROM Cache").rowcount
-            else:
-                removed = sql("DELETE FROM Cache WHERE tag = ?", (model,)).rowcount
-        if model is None:
-            self.cache._con.execute("VACUUM")
-        return removed
+        """Delete every entry (or only those of fingerprint `model`); returns how many vectors."""
+        from evalkit.embed._maintenance import clear
+
+        with cat.sqlite_errors(self.directory):
+            return clear(self, model)
 
     def check(self, fix: bool = False) -> list[str]:
-        """Consistency check: SQLite integrity and diskcache's own counters/files, then every
-        row's key length, header, dtype and value length. `fix=True` deletes bad rows and
-        repairs counters. Returns the problems found (an empty list means healthy)."""
-        import warnings
+        """Consistency check: SQLite integrity and diskcache's counters/files, then every
+        segment's header, key index and row checksums, format-1 rows and unknown rows.
+        `fix=True` rewrites damaged segments without their bad rows and deletes what cannot be
+        served. Returns the problems found (an empty list means healthy)."""
+        from evalkit.embed._maintenance import check
 
-        problems: list[str] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            problems += [str(w.message) for w in self.cache.check(fix=fix, retry=True)]
-        bad: list[int] = []
-        con = self.cache._con
-        for rowid, key, raw, tag, value in con.execute(
-            "SELECT rowid, key, raw, tag, value FROM Cache"
-        ):
-            why = None
-            if raw != 1 or not isinstance(key, bytes) or len(key) != KEY_BYTES:
-                why = "key is not a 16-byte digest"
-            elif not isinstance(value, bytes) or len(value) < HEADER or value[:2] != MAGIC:
-                why = "value is not an evalkit embedding"
-            elif value[2:3] not in _CODE_TO_DTYPE:
-                why = f"unknown dtype code {value[2:3]!r}"
-            else:
-                dim = struct.unpack("<I", value[4:8])[0]
-                itemsize = DTYPES[_CODE_TO_DTYPE[value[2:3]]][1].itemsize
-                if len(value) != HEADER + dim * itemsize:
-                    why = f"value length {len(value)} does not match dim {dim}"
-                elif not tag:
-                    why = "no model fingerprint tag"
-            if why:
-                problems.append(f"row {rowid}: {why}")
-                bad.append(rowid)
-        if fix and bad:
-            with self._transact() as (sql, _):
-                for start in range(0, len(bad), _CHUNK):
-                    chunk = bad[start : start + _CHUNK]
-                    sql(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
-        return problems
+        with cat.sqlite_errors(self.directory):
+            return check(self, fix)
+
+
+def wipe(directory: str | os.PathLike) -> int:
+    """Delete a store's own files (cache.db and its WAL files, segment files), for a store too
+    damaged to open: `evalkit cache clear` on it. Returns the number of files removed."""
+    folder = Path(directory)
+    names = [folder / f"cache.db{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+    names += sorted((folder / SEGMENT_DIR).glob("*.eks"))
+    removed = 0
+    for path in names:
+        if path.exists():
+            path.unlink()
+            removed += 1
+    if (folder / SEGMENT_DIR).is_dir() and not any((folder / SEGMENT_DIR).iterdir()):
+        (folder / SEGMENT_DIR).rmdir()
+    return removed

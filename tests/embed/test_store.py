@@ -1,5 +1,6 @@
-"""EmbeddingStore: batch round trips, checks on read, no eviction, info/clear/check, two writer
-processes at once, and a writer killed with SIGKILL in the middle of put_many."""
+"""EmbeddingStore: batch round trips, checks on read, no eviction, info/clear/check, compaction,
+two writer processes at once, and a writer killed with SIGKILL in the middle of put_many.
+(Damage to the store's bytes: tests/embed/test_store_faults.py.)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evalkit.embed._segments import MAGIC, plan_merge
 from evalkit.embed.store import SIZE_LIMIT, EmbeddingStore, default_cache_dir, make_keys
 from evalkit.errors import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def segment_path(store: EmbeddingStore, model: str, which: int = 0) -> Path:
+    """The file of the model's `which`-th segment (oldest first)."""
+    rows = [row for row, _ in store._headers(model)]
+    return store.directory / rows[which].filename
 
 
 def _vectors(n: int, dim: int = 24, seed: int = 0) -> np.ndarray:
@@ -69,9 +77,11 @@ def test_nothing_is_evicted_and_diskcache_can_read_it(tmp_path):
     keys = make_keys("fp", ["x"])
     store.put_many(keys, _vectors(1), model="fp")
     plain = diskcache.Cache(str(tmp_path))
-    value = plain.get(keys[0])
-    assert isinstance(value, bytes) and value[:2] == b"EK"
+    (segment_key,) = list(plain)  # one row: the segment holding the vector
+    value = plain.get(segment_key)
+    assert isinstance(value, bytes) and value[:8] == MAGIC and keys[0] in value
     assert len(plain) == 1
+    assert plain.check() == []  # diskcache's own check: files and counters agree
 
 
 def test_info_clear_and_check(tmp_path):
@@ -80,22 +90,23 @@ def test_info_clear_and_check(tmp_path):
     store.put_many(make_keys("m2", ["a"]), _vectors(1, dim=8), model="m2")
     store.put_many(make_keys("m1", ["a"]), _vectors(1, seed=5), model="m1")  # already there
     info = store.info()
-    assert info["entries"] == 4
-    assert info["models"]["m1"] == {
-        "entries": 3,
-        "bytes": 3 * (8 + 24 * 4),
-        "dim": 24,
-        "dtype": "float32",
-    }
+    assert info["entries"] == 4 and info["format"] == 2
+    m1 = info["models"]["m1"]
+    assert (m1["entries"], m1["dim"], m1["dtype"], m1["segments"]) == (3, 24, "float32", 1)
+    assert m1["bytes"] == 64 + 3 * (8 + 16 + 24 * 4 + 8)
     assert info["models"]["m2"]["dim"] == 8
+    assert store.count("m1") == 3 and store.count() == 4
     assert store.has_model("m1") and not store.has_model("m3")
     assert store.check() == []
-    # corrupt one row behind the store's back: check() names it, fix removes it
-    store.cache._con.execute("UPDATE Cache SET value = x'00' WHERE rowid = 1")
+    # damage one vector behind the store's back: check() names it, fix removes it
+    seg = segment_path(store, "m1")
+    data = bytearray(seg.read_bytes())
+    data[-20] ^= 0xFF
+    seg.write_bytes(bytes(data))
     problems = store.check()
-    assert any("row 1" in p for p in problems)
+    assert any("1 of 3 rows fail their checksum" in p for p in problems), problems
     store.check(fix=True)
-    assert store.check() == []
+    assert store.check() == [] and store.count("m1") == 2
     assert store.clear(model="m2") == 1
     assert set(store.info()["models"]) == {"m1"}
     store.clear()
@@ -187,3 +198,96 @@ def test_killed_in_the_middle_of_put_many(tmp_path):
     # and it still takes writes
     store.put_many(make_keys("fp", ["after"]), np.ones((1, 16), np.float32), model="fp")
     assert store.get_many(make_keys("fp", ["after"]))[1].all()
+
+
+def test_plan_merge_is_size_tiered_and_bounded():
+    """Guards against: compaction that never merges (lookups slow down with every write) or that
+    rewrites without bound (one merge bigger than the limit, holding the write lock for long)."""
+    mib = 1 << 20
+    assert plan_merge([mib] * 3) == []
+    assert plan_merge([mib] * 4) == [0, 1, 2, 3]
+    assert plan_merge([5 * mib, mib, 6 * mib, mib, mib, 7 * mib, 8 * mib]) == [0, 2, 5, 6]
+    assert plan_merge([mib, 100 * mib, mib, mib, mib]) == [0, 2, 3, 4]  # lowest tier first
+    big = (1 << 31) // 4 + 1  # final: over limit / fanout
+    assert plan_merge([big] * 8) == []
+
+
+def test_compaction_keeps_few_segments_and_every_vector(tmp_path):
+    """Guards against: a write pattern of many small puts leaving one segment per put, and a
+    merge losing, duplicating or altering a vector."""
+    store = EmbeddingStore(tmp_path)
+    texts = [f"t{i}" for i in range(2000)]
+    keys = make_keys("fp", texts)
+    vecs = _vectors(2000, dim=8)
+    for start in range(0, 2000, 50):
+        store.put_many(keys[start : start + 50], vecs[start : start + 50], model="fp")
+        store.put_many(keys[:3], _vectors(3, dim=8, seed=9), model="fp")  # present: ignored
+    assert len(store._headers("fp")) <= 3
+    assert store.count("fp") == 2000 and store.check() == []
+    got, found = store.get_many(keys, dim=8)
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == sorted(
+        Path(row.filename).name for row, _ in store._headers()
+    )  # inputs of merges are deleted
+
+
+def test_model_meta_first_write_wins_and_dims_stay_consistent(tmp_path):
+    """Guards against: the recorded library versions/device being overwritten by a later run, and
+    vectors of another dim written under a fingerprint that already has some."""
+    store = EmbeddingStore(tmp_path)
+    store.put_many(
+        make_keys("fp", ["a"]), _vectors(1), model="fp", meta={"torch": "1", "device": "cpu"}
+    )
+    store.put_many(
+        make_keys("fp", ["b"]), _vectors(1), model="fp", meta={"torch": "2", "device": "cuda"}
+    )
+    assert store.info()["models"]["fp"]["meta"] == {"torch": "1", "device": "cpu"}
+    with pytest.raises(StoreError, match="dim 24 for this model; got float32 of dim 8"):
+        store.put_many(make_keys("fp", ["c"]), _vectors(1, dim=8), model="fp")
+    with pytest.raises(StoreError, match="16-byte digests"):
+        store.get_many([b"short"])
+
+
+def test_pickles_as_its_path(tmp_path):
+    import pickle
+
+    store = EmbeddingStore(tmp_path, dtype="float16")
+    keys = make_keys("fp", ["a", "b"])
+    store.put_many(keys, _vectors(2), model="fp")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.dtype == "float16" and len(pickle.dumps(store)) < 500
+    np.testing.assert_array_equal(clone.get_many(keys)[0], store.get_many(keys)[0])
+
+
+def test_reader_during_writes_and_merges(tmp_path):
+    """Guards against: a reader in another process seeing a half-written or merged-away segment
+    (missing or wrong vectors) while a writer commits and compacts."""
+    store_dir = tmp_path / "store"
+    EmbeddingStore(store_dir).close()
+    proc = _spawn(tmp_path, store_dir, "w", 4000, 100)
+    reader = EmbeddingStore(store_dir)
+    checked = 0
+    try:
+        for line in proc.stdout:
+            if not line.startswith("committed"):
+                continue
+            n = int(line.split()[1])
+            got, found = reader.get_many(make_keys("fp", [f"w {i}" for i in range(n)]), dim=16)
+            assert found.all()
+            np.testing.assert_array_equal(got[:, 3], np.arange(n, dtype=np.float32))
+            checked += 1
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert checked == 40 and len(reader._headers("fp")) <= 6
+
+
+def test_opening_a_store_another_process_is_creating(tmp_path):
+    """Guards against: a reader that opens cache.db between its creation and diskcache's tables
+    (another process starting a job on a new store) failing with "no such table"."""
+    (tmp_path / "cache.db").touch()
+    store = EmbeddingStore(tmp_path)
+    assert store.count() == 0
+    store.put_many(make_keys("fp", ["a"]), _vectors(1), model="fp")
+    assert store.get_many(make_keys("fp", ["a"]))[1].all()
