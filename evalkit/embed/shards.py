@@ -33,8 +33,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from evalkit.errors import EvalkitError, FingerprintMismatchError, StoreError
 
 FORMAT = "evalkit.embeddings/2"
@@ -333,12 +331,13 @@ def load_manifest(out_dir: str | os.PathLike | OutputDir) -> dict:
 
 
 def iter_embeddings(
-    out_dir: str | os.PathLike, *, allow_partial: bool = False
-) -> Iterator[tuple[Any, np.ndarray]]:
+    out_dir: str | os.PathLike, *, allow_partial: bool = False, with_keys: bool = False
+) -> Iterator[tuple[Any, ...]]:
     """Yield (ids, vectors [n, dim]) blocks in row order from memory-mapped shards (local) or
     shards read through pyarrow's filesystem (s3://).
 
     ids is a numpy array for numeric ids, else a list; vectors keep the stored dtype (zero-copy).
+    `with_keys=True` yields (ids, keys: list of 16-byte store keys, vectors) (format 2 only).
     An incomplete directory raises StoreError unless `allow_partial=True`.
     """
     import pyarrow as pa
@@ -348,6 +347,11 @@ def iter_embeddings(
     if not manifest.get("complete") and not allow_partial:
         raise StoreError(
             f"{loc.label} is incomplete (an encode job is unfinished); rerun it, or pass allow_partial=True"
+        )
+    if with_keys and manifest.get("format") != FORMAT:
+        raise StoreError(
+            f"{loc.label} was written in format {manifest.get('format')!r}, which has no key "
+            "column; re-encode it with this evalkit (evalkit encode ... --overwrite)"
         )
     dim = manifest["dim"]
     for entry in manifest["shards"]:
@@ -366,7 +370,10 @@ def iter_embeddings(
                     ids = ids_col.to_numpy(zero_copy_only=False)
                 else:
                     ids = ids_col.to_pylist()
-                yield ids, vectors
+                if with_keys:
+                    yield ids, batch.column(KEY_COLUMN).to_pylist(), vectors
+                else:
+                    yield ids, vectors
 
 
 def import_into_store(

@@ -106,8 +106,10 @@ def retrieval_pass(
     ignore_identical_ids: bool = False,
     index: Any = None,
     progress: bool = False,
+    precomputed: bool = False,
 ) -> tuple[dict[str, float], np.ndarray, dict[str, float]]:
     """Encode queries, stream (ids, texts) corpus batches into top-k, score the rankings.
+    `precomputed=True`: the batches are (ids, vectors) already, served as they are.
 
     -> (metrics keyed like cosine_ndcg@10, mean recall@k for k = 1..max k, timings)
     """
@@ -128,7 +130,8 @@ def retrieval_pass(
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with _progress(n_docs, "corpus", "docs", progress) as bar:
             for doc_ids, texts in corpus_batches:
-                yield np.asarray(doc_ids, dtype=str), encoder.encode(texts)
+                vectors = texts if precomputed else encoder.encode(texts)
+                yield np.asarray(doc_ids, dtype=str), vectors
                 bar.update(len(doc_ids))
 
     t = time.perf_counter()

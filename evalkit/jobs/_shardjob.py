@@ -62,7 +62,7 @@ class ShardJob:
     ) -> None:
         from evalkit.data import readers
         from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats
-        from evalkit.jobs.precompute import _check_args
+        from evalkit.jobs.precompute import _WINDOWS_PER_SHARD, _check_args
 
         self.t_start = time.perf_counter()
         if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -75,7 +75,9 @@ class ShardJob:
         self.loc = OutputDir(out)
         if self.loc.is_file():
             raise EvalkitError(f"--out {self.loc.label} is a file; give a directory")
-        columns = [column] + ([id_column] if id_column and id_column != column else [])
+        from evalkit.jobs.precompute import read_columns
+
+        columns = read_columns(column, id_column)
         readers.iter_batches(data, columns=columns, **source_options)  # checks the columns
         self.rows = readers.count_rows(data, **source_options)
         self.input_fp = _input_fingerprint(data)
@@ -85,7 +87,8 @@ class ShardJob:
             "data": _absolute(data), "column": column, "id_column": id_column,
             "model": _absolute(model), "cache": _store_path(cache), "batch_size": batch_size,
             "dtype": dtype,
-            "window": window or min(DEFAULT_WINDOW, rows_per_shard), "prompt": prompt,
+            "window": window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD)),
+            "prompt": prompt,
             "prompt_name": prompt_name, "normalize": normalize, "out": self.loc.label,
             "rows_per_shard": rows_per_shard, "source_options": dict(source_options),
         }  # fmt: skip

@@ -95,11 +95,11 @@ class ShardWorker:
     def encode(self, a: int, b: int, on_rows: Any = None) -> tuple[dict, dict]:
         from evalkit.data.readers import iter_batches_from
         from evalkit.embed.encoder import EncodeStats
-        from evalkit.jobs.precompute import _RowReader, _write_shard
+        from evalkit.jobs.precompute import _RowReader, _write_shard, read_columns
 
         spec = self.spec
         column, id_column = spec["column"], spec["id_column"]
-        columns = [column] + ([id_column] if id_column and id_column != column else [])
+        columns = read_columns(column, id_column)
         first, batches = iter_batches_from(
             spec["data"], a, columns=columns, **spec["source_options"]
         )

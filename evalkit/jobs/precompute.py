@@ -60,7 +60,7 @@ from evalkit.embed.shards import (
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
 
 logger = logging.getLogger(__name__)
-_WINDOWS_PER_SHARD = 4  # store writes per shard at least: a kill loses at most a quarter shard
+_WINDOWS_PER_SHARD = 4  # windows per shard at least (each window is one read-ahead, dedupe and write unit)
 
 
 class _RowReader:
@@ -131,6 +131,10 @@ def run_precompute(
     shard = parse_shard(shard)
     _check_args(dtype, batch_size, rows_per_shard)
     window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
+    if "://" in str(out):
+        raise EvalkitError(
+            f"--out {out}: write to a remote folder with run_precompute_workers or run_precompute_ray"
+        )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EvalkitError(f"--out {out} is a file; give a directory")
@@ -152,7 +156,7 @@ def run_precompute(
         manifest.setdefault("runs", []).append(
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
         )
-        columns = [column] + ([id_column] if id_column and id_column != column else [])
+        columns = read_columns(column, id_column)
 
         def batches():
             return arrow.iter_batches(data, columns=columns, **source_options)
@@ -189,6 +193,14 @@ def import_finished(out: Any, manifest: dict, store: Any) -> int:
         return 0
     files = [s["file"] for s in manifest["shards"]]
     return import_into_store(out, store, files=files, manifest=manifest)["rows"]
+
+
+def read_columns(column: str, id_column: str | None) -> list[str]:
+    """The input columns a job reads: the text column(s) ("title+text" joins two) and the ids."""
+    from evalkit.data.beir import text_columns
+
+    names = text_columns(column)
+    return names + ([id_column] if id_column and id_column not in names else [])
 
 
 def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:
@@ -345,7 +357,9 @@ def _changed_inputs(done: dict, batches: Any, column: str, id_column: str | None
 
 def _digest_columns(piece: Any, column: str, id_column: str | None) -> list:
     """The columns a shard's input digest covers: the texts, and the ids when they are read."""
-    return [piece.column(column)] + ([piece.column(id_column)] if id_column else [])
+    from evalkit.data.beir import document_texts
+
+    return [document_texts(piece, column)] + ([piece.column(id_column)] if id_column else [])
 
 
 def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
@@ -366,6 +380,7 @@ def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
 def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, bar) -> dict:
     import pyarrow as pa
 
+    from evalkit.data.beir import document_texts
     from evalkit.embed.store import KEY_BYTES, make_keys
 
     np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -384,7 +399,7 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
                 if id_column
                 else pa.array(np.arange(row, row + len(piece), dtype=np.int64))
             )
-            text = piece.column(column)
+            text = document_texts(piece, column)
             # a non-string text gets a placeholder key: the encoder refuses its window anyway
             plain = [t if isinstance(t, str) else "" for t in text.to_pylist()]
             keys.append(pa.array(make_keys(fingerprint, plain), type=pa.binary(KEY_BYTES)))

@@ -169,7 +169,9 @@ def _run(ray: Any, actors: list, todo: list, job: ShardJob) -> tuple[list[str], 
                 continue
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
-                raise (cause if isinstance(cause, EvalkitError) else EvalkitError(str(exc))) from None
+                raise (
+                    cause if isinstance(cause, EvalkitError) else EvalkitError(str(exc))
+                ) from None
             _poll(ray, actors, {i}, seen, job)
             job.record(entry, tallies)
             written[i].append(entry["file"])
