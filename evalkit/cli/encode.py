@@ -92,6 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--prompt-name", default=None, help="name of one of the model's prompts")
     g.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    _add_scale_args(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_scale_args(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("scaling out (same output bytes as one process)")
     s.add_argument(
         "--workers",
@@ -117,9 +124,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="run on a Ray cluster: ADDRESS (auto, HOST:PORT, ray://...), else $RAY_ADDRESS, "
         "else a local cluster on 127.0.0.1; each node uses its own store at --cache",
     )
-    g.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def _job(args: argparse.Namespace):

@@ -66,6 +66,12 @@ def check_model(encoder: Any, manifest: dict, path: Any) -> None:
         )
 
 
+def checked_blocks(encoder: Any, path: Any, manifest: dict, corpus_batches: Any) -> Iterator:
+    """Steps 2 and 3: check the model now, then the rows as they are read."""
+    check_model(encoder, manifest, path)
+    return blocks(path, manifest, corpus_batches)
+
+
 def blocks(
     path: Any, manifest: dict, corpus_batches: Iterator[tuple[list[str], list[str]]]
 ) -> Iterator[tuple[list[str], np.ndarray]]:

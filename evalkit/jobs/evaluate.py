@@ -46,6 +46,7 @@ from evalkit.evaluation.engine import (
     pairs_pass,
     retrieval_pass,
 )
+from evalkit.jobs import corpus_embeddings as ce
 
 __all__ = ["evaluate_pairs", "evaluate_retrieval"]
 
@@ -184,10 +185,9 @@ def evaluate_retrieval(
     at every k in `k_values`, keyed like `cosine_ndcg@10`. Memory: O(queries x max k + corpus_block
     x dim + ~20 bytes per corpus id). `index`: search with a FAISS index instead
     (evalkit.search.ann.ann_search): a factory string, "auto", a built index folder or an EmbeddingIndex. `ignore_identical_ids` drops a result whose id equals the
-    query id (BEIR/MTEB option). `corpus_embeddings`: an `evalkit encode` output of this corpus
-    (`--column title+text --id-column _id`) served instead of encoding the corpus, after checking
-    its model fingerprint, ids and store keys (evalkit.jobs.corpus_embeddings).
-    See evaluate_pairs for model/cache/out.
+    query id (BEIR/MTEB option). `corpus_embeddings`: a checked `evalkit encode` output of this
+    corpus used instead of encoding it (evalkit.jobs.corpus_embeddings). See evaluate_pairs for
+    model/cache/out.
     """
     from evalkit.data import beir
     from evalkit.jobs import report
@@ -204,18 +204,15 @@ def evaluate_retrieval(
     n_docs = len(beir.corpus_ids(corpus, **source_options))
     if n_docs == 0:
         raise DataError(f"corpus {corpus} has no documents")
-    precomputed = None
-    if corpus_embeddings is not None:
-        from evalkit.jobs import corpus_embeddings as ce
-
-        precomputed = ce.open_checked(corpus_embeddings, n_docs)
+    precomputed = ce.open_checked(corpus_embeddings, n_docs) if corpus_embeddings else None
     t_read = time.perf_counter() - t0
 
     with _encoder(model, cache, device, batch_size) as encoder:
         corpus_batches = beir.iter_corpus(corpus, batch_size=corpus_block, **source_options)
         if precomputed is not None:
-            ce.check_model(encoder, precomputed, corpus_embeddings)
-            corpus_batches = ce.blocks(corpus_embeddings, precomputed, corpus_batches)
+            corpus_batches = ce.checked_blocks(
+                encoder, corpus_embeddings, precomputed, corpus_batches
+            )
         metrics, curve, timings = retrieval_pass(
             qids,
             qtexts,
@@ -234,9 +231,8 @@ def evaluate_retrieval(
         metrics, encoder, ks, dialect, index, (corpus, queries, qrels), n_docs, qids, judged,
         {"read_s": t_read, **timings, "total_s": time.perf_counter() - t0},
     )  # fmt: skip
+    result["corpus_embeddings"] = str(corpus_embeddings) if precomputed is not None else None
     score = encoder.similarity
-    if precomputed is not None:
-        result["corpus_embeddings"] = str(corpus_embeddings)
     if out is not None and plots:
         marks = {k: metrics[f"{score}_recall@{k}"] for k in ks if f"{score}_recall@{k}" in metrics}
         result["plots"] = report.retrieval_plots(curve, out, dialect=dialect, marks=marks)

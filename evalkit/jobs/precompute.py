@@ -131,13 +131,7 @@ def run_precompute(
     shard = parse_shard(shard)
     _check_args(dtype, batch_size, rows_per_shard)
     window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
-    if "://" in str(out):
-        raise EvalkitError(
-            f"--out {out}: write to a remote folder with run_precompute_workers or run_precompute_ray"
-        )
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EvalkitError(f"--out {out} is a file; give a directory")
+    out = _local_out(out)
     t_start = time.perf_counter()
     try:
         input_fp = data_fingerprint(data)
@@ -193,6 +187,17 @@ def import_finished(out: Any, manifest: dict, store: Any) -> int:
         return 0
     files = [s["file"] for s in manifest["shards"]]
     return import_into_store(out, store, files=files, manifest=manifest)["rows"]
+
+
+def _local_out(out: Any) -> Path:
+    if "://" in str(out):
+        raise EvalkitError(
+            f"--out {out}: write to a remote folder with run_precompute_workers or run_precompute_ray"
+        )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"--out {out} is a file; give a directory")
+    return out
 
 
 def read_columns(column: str, id_column: str | None) -> list[str]:
