@@ -113,24 +113,18 @@ class _Pool:
         for w in self.workers:
             msg = self._receive(w)
             if msg[0] != "ready":
-                raise EvalkitError(msg[1])
+                raise EvalkitError(msg[1] + ("" if w["proc"].is_alive() else " while starting"))
             infos.append(msg[1])
         return infos
 
     def _receive(self, w: dict) -> tuple:
-        while True:
-            ready = wait([w["conn"], w["proc"].sentinel])
-            if w["conn"] in ready:
-                try:
-                    return w["conn"].recv()
-                except EOFError:
-                    pass
-            if w["proc"].sentinel in ready and not w["conn"].poll():
-                w["proc"].join()
-                return (
-                    "error",
-                    f"worker on {w['device']} {_death(w['proc'].exitcode)} while starting",
-                )
+        """The worker's next message, or ("error", why) once it is dead and its pipe drained."""
+        wait([w["conn"], w["proc"].sentinel])
+        try:
+            return w["conn"].recv()
+        except (EOFError, OSError):
+            w["proc"].join()
+            return ("error", f"worker on {w['device']} {_death(w['proc'].exitcode)}")
 
     def run(self, todo: list[tuple[int, int]], job: ShardJob) -> list[str]:
         """Hand out `todo` shards until done; -> one message per worker that died."""
@@ -142,10 +136,10 @@ class _Pool:
             busy = [w for w in live if w["shard"] is not None]
             ready = wait([w["conn"] for w in busy] + [w["proc"].sentinel for w in busy])
             for w in busy:
-                if w["conn"] in ready or w["conn"].poll():
-                    self._handle(w, job, queue)
-                elif w["proc"].sentinel in ready:
-                    w["proc"].join()
+                if w["conn"] not in ready and w["proc"].sentinel not in ready:
+                    continue
+                msg = self._receive(w)  # a dead worker's last messages come first, then EOF
+                if msg[0] == "error" and not w["proc"].is_alive():
                     a, b = w["shard"]
                     failures.append(
                         f"worker {self.workers.index(w)} (pid {w['proc'].pid}, {w['device']}) "
@@ -153,15 +147,11 @@ class _Pool:
                     )
                     w["shard"] = None
                     live.remove(w)
-            if not live and queue:
-                break
+                else:
+                    self._handle(msg, w, job, queue)
         return failures
 
-    def _handle(self, w: dict, job: ShardJob, queue: list) -> None:
-        try:
-            msg = w["conn"].recv()
-        except EOFError:
-            return  # the sentinel reports it
+    def _handle(self, msg: tuple, w: dict, job: ShardJob, queue: list) -> None:
         if msg[0] == "progress":
             job.progress(msg[1])
         elif msg[0] == "done":
@@ -201,9 +191,16 @@ def _death(code: int | None) -> str:
 
 def _worker_main(conn: Any, spec: dict, device: str, threads: int) -> None:
     """A worker process: load the model, then encode the shards it is sent until "stop"."""
+    import threading
+
+    from tqdm import tqdm
+
     from evalkit.jobs._shardworker import ShardWorker
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tqdm's default lock is a multiprocessing semaphore: a worker killed with it would make the
+    # resource tracker warn about a leak at exit. A thread lock is all one process needs.
+    tqdm.set_lock(threading.RLock())
     try:
         worker = ShardWorker(spec, device, threads)
         conn.send(("ready", worker.describe()))
