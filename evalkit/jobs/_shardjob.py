@@ -99,6 +99,7 @@ class ShardJob:
         self.manifest: dict = {}
         self._mirror: Path | None = None
         self.skipped = 0
+        self.startup_s = 0.0
 
     # ----------------------------------------------------------------------------- manifest
 
@@ -117,6 +118,7 @@ class ShardJob:
         `verify(entries)` -> the files still intact (default: checked here)."""
         from evalkit.jobs.precompute import _prepare, _verified
 
+        self.startup_s = time.perf_counter() - self.t_start  # workers started, model loaded
         spec = self.spec
         encoder = SimpleNamespace(
             **{k: info[k] for k in ("fingerprint", "dim", "prompt", "normalize")}
@@ -215,6 +217,7 @@ class ShardJob:
             "rows": stats.rows, "hits": stats.hits, "misses": stats.misses,
             "duplicates": stats.duplicates, "skipped_shards": self.skipped,
             "written_shards": len(self.todo), "imported_rows": imported,
+            "startup_s": round(self.startup_s, 3),
             "seconds": round(time.perf_counter() - self.t_start, 3),
         }  # fmt: skip
         return self.manifest

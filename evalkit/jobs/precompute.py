@@ -174,6 +174,7 @@ def run_precompute(
         "written_shards": len(todo),
         "reencoded_shards": [changed[r] for r in plan if r in changed],
         "imported_rows": imported,
+        "startup_s": round(encoder.load_s, 3),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     return manifest
