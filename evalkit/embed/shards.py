@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evalkit.errors import EvalkitError, FingerprintMismatchError, StoreError
 
 FORMAT = "evalkit.embeddings/2"

@@ -8,8 +8,8 @@ the same bytes:
    columns and fingerprint, the plan (`plan_shards`);
 2. `start(info)`: with the workers' description (fingerprint, dim, prompt, normalize), prepare
    the manifest as the single-process job does (`precompute._prepare`: another model/input is
-   refused, unless overwrite), verify the shards it lists, and return the unfinished ones in
-   plan order; an s3:// output keeps its manifest in a local mirror uploaded after each change;
+   refused, unless overwrite), verify the shards it lists (their files, then their input rows'
+   digests, `precompute._changed_inputs`), and return the unfinished ones in plan order; an s3:// output keeps its manifest in a local mirror uploaded after each change;
 3. `record(entry, tallies)`: a finished shard joins the manifest (sorted by row, rewritten
    atomically); `progress(n)`: one bar for the whole job;
 4. `finish(failures, import_shards)`: save; if a worker died, fail with one line naming it and
@@ -62,7 +62,7 @@ class ShardJob:
     ) -> None:
         from evalkit.data import readers
         from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats
-        from evalkit.jobs.precompute import _WINDOWS_PER_SHARD, _check_args
+        from evalkit.jobs.precompute import _WINDOWS_PER_SHARD, _check_args, input_fingerprint
 
         self.t_start = time.perf_counter()
         if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -80,7 +80,7 @@ class ShardJob:
         columns = read_columns(column, id_column)
         readers.iter_batches(data, columns=columns, **source_options)  # checks the columns
         self.rows = readers.count_rows(data, **source_options)
-        self.input_fp = _input_fingerprint(data)
+        self.input_fp = input_fingerprint(data)
         self.plan = plan_shards(self.rows, self.shard, rows_per_shard)
         self.model, self.data, self.overwrite = model, data, overwrite
         self.spec = {
@@ -100,6 +100,7 @@ class ShardJob:
         self._mirror: Path | None = None
         self.skipped = 0
         self.startup_s = 0.0
+        self.changed: dict = {}
 
     # ----------------------------------------------------------------------------- manifest
 
@@ -116,7 +117,7 @@ class ShardJob:
     def start(self, info: dict, verify: Any = None) -> list[tuple[int, int]]:
         """Prepare the manifest for a worker described by `info`; the unfinished shards.
         `verify(entries)` -> the files still intact (default: checked here)."""
-        from evalkit.jobs.precompute import _prepare, _verified
+        from evalkit.jobs.precompute import _changed_inputs, _prepare, _verified
 
         self.startup_s = time.perf_counter() - self.t_start  # workers started, model loaded
         spec = self.spec
@@ -139,15 +140,14 @@ class ShardJob:
             {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": 0, "hits": 0, "misses": 0}
         )
         if self.loc.remote:
-            wanted = [
-                e
-                for e in self.manifest.get("shards", [])
-                if (e["start"], e["end"]) in set(self.plan)
-            ]
+            plan = set(self.plan)
+            wanted = [e for e in self.manifest.get("shards", []) if (e["start"], e["end"]) in plan]
             good = set((verify or self._verify)(wanted))
             done = {(e["start"], e["end"]): e for e in wanted if e["file"] in good}
         else:
             done = _verified(folder, self.manifest, self.plan)
+        self.changed = _changed_inputs(done, self._batches, spec["column"], spec["id_column"])
+        done = {r: e for r, e in done.items() if r not in self.changed}
         self.manifest["shards"] = [done[r] for r in self.plan if r in done]
         self.skipped = len(done)
         self.todo = [r for r in self.plan if r not in done]
@@ -159,6 +159,14 @@ class ShardJob:
             name = self.loc.label.rstrip("/").rsplit("/", 1)[-1]
             self.bar = tqdm(total=total, unit="rows", desc=f"encode {name}", dynamic_ncols=True)
         return list(self.todo)
+
+    def _batches(self) -> Any:
+        from evalkit.data import readers
+        from evalkit.jobs.precompute import read_columns
+
+        spec = self.spec
+        columns = read_columns(spec["column"], spec["id_column"])
+        return readers.iter_batches(self.data, columns=columns, **spec["source_options"])
 
     def _verify(self, entries: list[dict]) -> list[str]:
         from evalkit.embed.shards import digest_bytes
@@ -217,6 +225,7 @@ class ShardJob:
             "rows": stats.rows, "hits": stats.hits, "misses": stats.misses,
             "duplicates": stats.duplicates, "skipped_shards": self.skipped,
             "written_shards": len(self.todo), "imported_rows": imported,
+            "reencoded_shards": [self.changed[r] for r in self.plan if r in self.changed],
             "startup_s": round(self.startup_s, 3),
             "seconds": round(time.perf_counter() - self.t_start, 3),
         }  # fmt: skip
@@ -237,15 +246,6 @@ def _store_path(cache: Any) -> Any:
     if cache is False:
         return False
     return os.path.abspath(os.fspath(cache if cache is not None else default_cache_dir()))
-
-
-def _input_fingerprint(data: Any) -> str | None:
-    from evalkit.data.fingerprint import data_fingerprint
-
-    try:
-        return data_fingerprint(data)
-    except TypeError:
-        return None
 
 
 def check_same_model(infos: list[dict]) -> dict:

@@ -60,7 +60,9 @@ from evalkit.embed.shards import (
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
 
 logger = logging.getLogger(__name__)
-_WINDOWS_PER_SHARD = 4  # windows per shard at least (each window is one read-ahead, dedupe and write unit)
+_WINDOWS_PER_SHARD = (
+    4  # windows per shard at least (each window is one read-ahead, dedupe and write unit)
+)
 
 
 class _RowReader:
@@ -124,7 +126,6 @@ def run_precompute(
     "last_run" holds this run's rows/hits/misses/seconds and the shards it skipped.
     """
     from evalkit.data import readers as arrow
-    from evalkit.data.fingerprint import data_fingerprint
     from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats, StreamingEncoder
     from evalkit.embed.store import EmbeddingStore
 
@@ -133,10 +134,7 @@ def run_precompute(
     window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
     out = _local_out(out)
     t_start = time.perf_counter()
-    try:
-        input_fp = data_fingerprint(data)
-    except TypeError:
-        input_fp = None
+    input_fp = input_fingerprint(data)
     rows = arrow.count_rows(data, **source_options)
     store = None if cache is False else EmbeddingStore(cache, dtype=dtype)
     encoder = StreamingEncoder(model, store=store, batch_size=batch_size, window=window, prompt=prompt,
@@ -188,6 +186,16 @@ def import_finished(out: Any, manifest: dict, store: Any) -> int:
         return 0
     files = [s["file"] for s in manifest["shards"]]
     return import_into_store(out, store, files=files, manifest=manifest)["rows"]
+
+
+def input_fingerprint(data: Any) -> str | None:
+    """The input's data fingerprint (None for inputs that have none, e.g. an in-memory table)."""
+    from evalkit.data.fingerprint import data_fingerprint
+
+    try:
+        return data_fingerprint(data)
+    except TypeError:
+        return None
 
 
 def _local_out(out: Any) -> Path:
