@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "evaluate_retrieval": "evalkit.jobs.evaluate",
     "exact_search": "evalkit.search.exact",
     "fit": "evalkit.train.fit",
+    "import_into_store": "evalkit.embed.shards",
     "iter_batches": "evalkit.data.readers",
     "iter_embeddings": "evalkit.embed.shards",
     "iter_encode": "evalkit.embed.encoder",
@@ -49,6 +50,8 @@ _LAZY: dict[str, str] = {
     "open_ipc": "evalkit.data.readers",
     "open_source": "evalkit.data.readers",
     "run_precompute": "evalkit.jobs.precompute",
+    "run_precompute_ray": "evalkit.jobs.precompute_ray",
+    "run_precompute_workers": "evalkit.jobs.precompute_workers",
 }
 
 __all__ = sorted(["__version__", *_LAZY])
