@@ -9,7 +9,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install dev demo test test-slow lint clean
+.PHONY: install dev demo test test-slow lint clean gpu-prep gpu-check-dry
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ test-slow: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check evalkit tests scripts
 	$(VENV)/bin/ruff format --check evalkit tests scripts
+
+# GPU readiness: fill .whl/ (wheels, float16 MiniLM, texts; <= 60 MB, git-ignored) with network,
+# check it and every step tiny on CPU here; on the GPU machine: bash scripts/gpu_check.sh
+gpu-prep: $(VENV)/.installed-dev
+	PYTHON=$(PY) bash scripts/gpu_prep.sh
+
+gpu-check-dry: $(VENV)/.installed-dev
+	PYTHON=$(PY) bash scripts/gpu_check.sh --dry-run --out gpu_check_dry.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

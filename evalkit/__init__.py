@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "evaluate_task": "evalkit.jobs.evaluate",
     "exact_search": "evalkit.search.exact",
     "fit": "evalkit.train.fit",
+    "import_into_store": "evalkit.embed.shards",
     "iter_batches": "evalkit.data.readers",
     "iter_embeddings": "evalkit.embed.shards",
     "iter_encode": "evalkit.embed.encoder",
@@ -54,6 +55,8 @@ _LAZY: dict[str, str] = {
     "open_source": "evalkit.data.readers",
     "run_precompute": "evalkit.jobs.precompute",
     "sweep": "evalkit.jobs.sweep",
+    "run_precompute_ray": "evalkit.jobs.precompute_ray",
+    "run_precompute_workers": "evalkit.jobs.precompute_workers",
 }
 
 __all__ = sorted(["__version__", *_LAZY])

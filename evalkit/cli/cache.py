@@ -1,5 +1,6 @@
-"""`evalkit cache info|clear|check [--cache DIR]`: inspect and maintain the embedding store
-(evalkit.embed.store.EmbeddingStore). Importing this module is cheap (no torch)."""
+"""`evalkit cache info|clear|check|import [--cache DIR]`: inspect and maintain the embedding store
+(evalkit.embed.store.EmbeddingStore), and load a precompute output into it
+(evalkit.embed.shards.import_into_store). Importing this module is cheap (no torch)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("action", choices=["info", "clear", "check"], help="what to do")
+    parser.add_argument(
+        "action",
+        choices=["info", "clear", "check", "import"],
+        help="what to do; import: put the vectors of an `evalkit encode --out` folder into the "
+        "store (no model, no texts: the shards carry the store keys)",
+    )
+    parser.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        metavar="DIR",
+        help="import: the precompute output folder (local or s3://)",
+    )
     parser.add_argument(
         "--cache",
         default=None,
@@ -98,12 +111,36 @@ def _clear(args: argparse.Namespace, directory) -> int:
         return 0
     model = f" of model {args.model}" if args.model else ""
     print(f"removed {removed} entries{model} from {store.directory}")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from evalkit.embed.shards import import_into_store, load_manifest
+    from evalkit.embed.store import EmbeddingStore, default_cache_dir
+
+    if not args.source:
+        raise EvalkitError("cache import needs the folder to import: evalkit cache import DIR")
+    manifest = load_manifest(args.source)
+    with EmbeddingStore(args.cache or default_cache_dir(), dtype=manifest["dtype"]) as store:
+        got = import_into_store(args.source, store, manifest=manifest)
+        where = store.directory
+    done = sum(s["rows"] for s in manifest["shards"])
+    state = (
+        "" if got["complete"] else f" (the output is incomplete: {done} of {manifest['rows']} rows)"
+    )
+    print(
+        f"imported {got['rows']} vectors ({got['shards']} shards) of model "
+        f"{got['model_fingerprint']} into {where}{state}"
+    )
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from evalkit.embed.store import EmbeddingStore, default_cache_dir
 
+    if args.action == "import":
+        return _import(args)
+    if args.source:
+        raise EvalkitError(f"cache {args.action} takes no DIR argument (use --cache DIR)")
     directory = args.cache or default_cache_dir()
     if args.action == "clear":
         return _clear(args, directory)

@@ -14,14 +14,20 @@ from evalkit.cli._common import (
     positive_int,
     source_options,
 )
+from evalkit.errors import EvalkitError
 
 EPILOG = """examples:
   evalkit encode ../shared/data/beir-scifact/corpus.jsonl --column text --id-column _id --out emb/scifact
   evalkit encode corpus.parquet --column text --out emb/ --shard 3/8      # job 3 of 8 (Slurm array, k8s)
   evalkit encode corpus.parquet --column text --out emb/ --dtype float16 --device cuda
+  evalkit encode corpus.parquet --column text --out emb/ --workers 2             # 2 processes, cores split
+  evalkit encode corpus.parquet --column text --out emb/ --devices cuda:0,cuda:1  # one worker per GPU
+  evalkit encode s3://b/corpus.parquet --column text --out s3://b/emb/ --ray auto # a running Ray cluster
+  evalkit encode corpus.parquet --column text --out emb/ --ray --workers 2        # a local 2-actor cluster
 
 A killed job resumes when rerun with the same arguments: finished shards are verified and skipped,
-the interrupted one comes back mostly from the embedding store.
+the interrupted ones are written again. The output's bytes do not depend on --workers, --ray or
+kills; the job puts its vectors into the embedding store when all its shards are written.
 """
 
 
@@ -33,13 +39,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Encode one text column of DATA (Parquet/CSV/TSV/JSON Lines/ORC/Arrow, local or remote) "
             "into Arrow IPC shards under DIR (columns id, embedding), aligned with the input rows, "
             "plus manifest.json (model and input fingerprints, row ranges, dim, dtype, counts). "
-            "Every text goes through the embedding store, so reruns and other jobs reuse it."
+            "Texts already in the embedding store are served from it, and the job puts its vectors "
+            "there once all its shards are written, so later jobs reuse them."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("data", metavar="DATA", help="input file, directory, glob or URI")
-    parser.add_argument("--column", required=True, help="text column to encode")
+    parser.add_argument(
+        "--column",
+        required=True,
+        help="text column to encode; title+text joins two columns the way BEIR/evaluate do "
+        "(title + ' ' + text, stripped)",
+    )
     parser.add_argument(
         "--id-column",
         default=None,
@@ -80,14 +92,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    _add_scale_args(parser)
     parser.set_defaults(func=run)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def _add_scale_args(parser: argparse.ArgumentParser) -> None:
+    s = parser.add_argument_group("scaling out (same output bytes as one process)")
+    s.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="worker processes on this node (default: one per --devices entry); with --ray, "
+        "the number of actors (default: one per GPU, else one per node)",
+    )
+    s.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="devices of the workers, e.g. cuda:0,cuda:1 (default: every visible GPU, else cpu "
+        "with the cores split between the workers)",
+    )
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS (auto, HOST:PORT, ray://...), else $RAY_ADDRESS, "
+        "else a local cluster on 127.0.0.1; each node uses its own store at --cache",
+    )
+
+
+def _job(args: argparse.Namespace):
+    """The job function the flags ask for, with its extra keyword arguments."""
+    if args.ray is not None:
+        if args.devices:
+            raise EvalkitError("--devices is for --workers on this node; Ray places its actors")
+        from evalkit.jobs.precompute_ray import run_precompute_ray
+
+        return run_precompute_ray, {"address": args.ray or None, "workers": args.workers}
+    if args.workers not in (None, 1) or args.devices or "://" in args.out:
+        from evalkit.jobs.precompute_workers import run_precompute_workers
+
+        return run_precompute_workers, {"workers": args.workers, "devices": args.devices}
     from evalkit.jobs.precompute import run_precompute
 
-    manifest = run_precompute(
+    return run_precompute, {}
+
+
+def run(args: argparse.Namespace) -> int:
+    job, extra = _job(args)
+    manifest = job(
         args.data,
         column=args.column,
         out=args.out,
@@ -101,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_name=args.prompt_name,
         normalize=args.normalize,
         progress=not args.no_progress,
+        **extra,
         **source_options(args),
     )
     if args.json:
@@ -121,7 +179,8 @@ def summary(manifest: dict) -> str:
         f"encoded rows {start}..{end} of {manifest['rows']} -> {manifest['dim']}-d {manifest['dtype']} ({state})",
         f"this run: {run['rows']} rows, {run['hits']} cache hits, {run['misses']} encoded "
         f"(hit rate {rate}), {run['duplicates']} duplicate rows, "
-        f"{run['written_shards']} shards written, {run['skipped_shards']} already done, {run['seconds']:.1f} s",
+        f"{run['written_shards']} shards written, {run['skipped_shards']} already done, "
+        f"{run.get('imported_rows', 0)} rows put into the store, {run['seconds']:.1f} s",
         f"model fingerprint {manifest['model_fingerprint']}",
     ]
     if run.get("reencoded_shards"):

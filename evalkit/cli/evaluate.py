@@ -146,6 +146,14 @@ def _add_retrieval_parser(sub) -> None:
         "with `evalkit ann-check`",
     )
     r.add_argument(
+        "--corpus-embeddings",
+        default=None,
+        metavar="DIR",
+        help="use the vectors of an `evalkit encode --column title+text --id-column _id` output "
+        "of this corpus instead of encoding it (refused unless its model fingerprint, ids and "
+        "texts match)",
+    )
+    r.add_argument(
         "--ignore-identical-ids",
         action="store_true",
         help="drop a document whose id equals the query id from its results (BEIR/MTEB option)",
@@ -220,6 +228,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
         corpus_block=args.corpus_block,
         ignore_identical_ids=args.ignore_identical_ids,
         index=args.index,
+        corpus_embeddings=args.corpus_embeddings,
         **_model_kwargs(args),
         **source_options(args),
     )

@@ -37,6 +37,26 @@ def document_text(title: Any, text: Any) -> str:
     return f"{title or ''} {text or ''}".strip()
 
 
+def text_columns(column: str) -> list[str]:
+    """The columns a text spec names: "text", or "title+text" (joined like `document_text`)."""
+    return [c.strip() for c in column.split("+")] if "+" in column else [column]
+
+
+def document_texts(batch: Any, column: str) -> Any:
+    """Column `column` of a record batch, or for "title+text" the BEIR document texts
+    (`document_text`: the values joined by a space, nulls as empty, stripped)."""
+    import pyarrow as pa
+
+    names = text_columns(column)
+    if len(names) == 1:
+        return batch.column(column)
+    values = [batch.column(n).to_pylist() for n in names]
+    return pa.array(
+        [" ".join(v or "" for v in row).strip() for row in zip(*values, strict=True)],
+        type=pa.string(),
+    )
+
+
 def _is_jsonl(path: str) -> bool:
     return path.lower().endswith(_JSON_SUFFIXES)
 

@@ -11,13 +11,16 @@
    of Arrow IPC/Feather files are fully validated (`RecordBatch.validate(full=True)`: offsets in
    bounds, UTF-8) as they are read and before any filter touches them, so a corrupt file is one
    DataError instead of a segfault or garbage text; text columns are checked and decoded batch by
-   batch (`evalkit.data.text.as_text`).
+   batch (`evalkit.data.text.as_text`). `iter_batches_from(source, row)` starts the scan at the
+   file (Parquet: the row group) that holds `row`, counting the rows before it from metadata, so
+   a worker that encodes rows [a, b) of a large Parquet/Arrow input does not read rows [0, a).
 `open_ipc` memory-maps an Arrow IPC file as a Table (fully validated). Conversion to Arrow lives in
 `evalkit.data.convert`, the filter syntax in `evalkit.data.filters`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -33,7 +36,7 @@ from evalkit.data.sources import Opened, first_line, missing_column, open_any, o
 from evalkit.data.text import as_text, check_text_types
 from evalkit.errors import DataError, EvalkitError
 
-__all__ = ["count_rows", "iter_batches", "open_ipc", "open_source"]
+__all__ = ["count_rows", "iter_batches", "iter_batches_from", "open_ipc", "open_source"]
 
 _BATCH_READAHEAD = 1  # batches decoded ahead of the writer: bounds RAM (measured below)
 _FRAGMENT_READAHEAD = 1
@@ -91,6 +94,53 @@ def iter_batches(
     texts = list(text_columns or [])
     opened = open_any(source, text_columns=texts, **source_options)
     return _Scan(opened, columns, filter, batch_size, texts=texts).batches()
+
+
+def iter_batches_from(
+    source: Any,
+    row: int,
+    *,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 65536,
+    **source_options: Any,
+) -> tuple[int, Iterator[pa.RecordBatch]]:
+    """(first, batches): the record batches of `source` from row `first` <= `row` on, in input
+    order. Whole files before `row` are skipped when their row counts are in metadata (Parquet,
+    Arrow/Feather, ORC), and whole row groups within a Parquet file; other sources start at 0."""
+    _check_batch_size(batch_size)
+    opened = open_any(source, **source_options)
+    first, fragments = 0, None
+    if row > 0 and isinstance(opened.dataset, ds.FileSystemDataset):
+        first, fragments = _guard(opened, lambda: _fragments_from(opened.dataset, row))
+    if fragments is not None:
+        sub = ds.FileSystemDataset(
+            fragments, opened.dataset.schema, opened.dataset.format, opened.dataset.filesystem
+        )
+        opened = dataclasses.replace(opened, dataset=sub)
+    return first, _Scan(opened, columns, None, batch_size).batches()
+
+
+def _fragments_from(dataset: ds.FileSystemDataset, row: int) -> tuple[int, list | None]:
+    fmt = dataset.format
+    if not isinstance(fmt, (ds.ParquetFileFormat, ds.IpcFileFormat, ds.OrcFileFormat)):
+        return 0, None
+    fragments = list(dataset.get_fragments())
+    first = 0
+    for i, fragment in enumerate(fragments):
+        n = fragment.count_rows()
+        if first + n <= row:
+            first += n
+            continue
+        rest = fragments[i + 1 :]
+        if isinstance(fmt, ds.ParquetFileFormat):
+            groups = fragment.split_by_row_group()
+            for j, group in enumerate(groups):
+                g = group.row_groups[0].num_rows
+                if first + g > row:
+                    return first, groups[j:] + rest
+                first += g
+        return first, [fragment, *rest]
+    return first, []
 
 
 def count_rows(source: Any, *, filter: Any = None, **source_options: Any) -> int:

@@ -7,7 +7,8 @@
 3) `Lookup` answers "which of these keys can be served": first from the vectors of the write
    still in flight, then from the store; on a cold store (nothing for this fingerprint at the
    start) only keys this run wrote can hit, so only those are looked up; it hands new vectors to
-   one background writer thread (one `put_many` transaction per window);
+   one background writer thread (one `put_many` transaction per window), unless it is read-only
+   (`write=False`: nothing is written, so nothing this run encoded can hit);
 4) `EncodeStats` counts rows, hits, misses, duplicates and seconds (merge: add).
 """
 
@@ -102,9 +103,15 @@ class Lookup:
     """Which keys can be served, and from where (see steps 2 and 4 of the module docstring)."""
 
     def __init__(
-        self, store: Any, fingerprint: str, dim: int | None, meta: dict | None = None
+        self,
+        store: Any,
+        fingerprint: str,
+        dim: int | None,
+        meta: dict | None = None,
+        write: bool = True,
     ) -> None:
         self.store = store
+        self.write = write
         self.fp = fingerprint
         self.dim = dim
         self.meta = meta  # library versions and device, recorded with the first write
@@ -112,7 +119,9 @@ class Lookup:
         self.written: set[bytes] = set()
         self.pending: dict[bytes, np.ndarray] = {}
         self._writer = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-write") if store else None
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-write")
+            if store and write
+            else None
         )
         self._future: Future | None = None
 
@@ -143,7 +152,7 @@ class Lookup:
         return vecs, found
 
     def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
-        if self.store is None or not keys:
+        if self.store is None or not keys or not self.write:
             return
         self.store.require_writable()  # before the window is served, not in the writer thread
         bad = ~np.isfinite(vectors).all(axis=1)

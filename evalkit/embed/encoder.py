@@ -60,8 +60,10 @@ class StreamingEncoder:
     `model`: a loaded SentenceTransformer, or a folder/name/None (the packaged default), loaded on
     the first store miss. `store`: an EmbeddingStore, its folder, or None (no store). `dtype`:
     the store's precision when `store` is a folder. `amp`: CUDA autocast dtype ("auto": bfloat16
-    where supported, else float16; "off": float32). Close it (or use `with`) to finish the last
-    write.
+    where supported, else float16; "off": float32). `write_store=False` reads the store but
+    never writes it (the precompute job: it imports its finished shards at the end, so what a
+    window hits never depends on what other workers wrote meanwhile). Close it (or use `with`) to
+    finish the last write.
     """
 
     def __init__(
@@ -78,9 +80,11 @@ class StreamingEncoder:
         device: str | None = "auto",
         amp: str | bool | None = "auto",
         dtype: str | None = None,
+        write_store: bool = True,
     ) -> None:
         check_sizes(batch_size, window)
         self.store = open_store_arg(store, dtype)
+        self.write_store = write_store
         self.batch_size, self.window, self.device = batch_size, window, device
         self.normalize, self.truncate_dim = normalize, truncate_dim
         self._prompt_args, self._amp = (prompt, prompt_name), amp
@@ -201,7 +205,9 @@ class StreamingEncoder:
             from evalkit.embed.models import runtime_meta
 
             meta = runtime_meta(self.model)
-            self._lookup = Lookup(self.store, self.fingerprint, self._dim, meta)
+            self._lookup = Lookup(
+                self.store, self.fingerprint, self._dim, meta, write=self.write_store
+            )
         return self._lookup
 
     # ------------------------------------------------------------------------------ encoding

@@ -157,8 +157,10 @@ def retrieval_pass(
     index: Any = None,
     progress: bool = False,
     per_query: Any = None,
+    precomputed: bool = False,
 ) -> tuple[dict[str, float], np.ndarray, dict[str, float]]:
-    """Encode queries, stream (ids, texts) corpus blocks into top-k, score the rankings.
+    """Encode queries, stream (ids, texts) corpus batches into top-k, score the rankings.
+    `precomputed=True`: the batches are (ids, vectors) already, served as they are.
 
     -> (metrics keyed like cosine_ndcg@10, mean recall@k for k = 1..max k, timings).
     `per_query(ids, keys, values)` receives every counted query's values (see
@@ -181,7 +183,8 @@ def retrieval_pass(
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with _progress(n_docs, "corpus", "docs", progress) as bar:
             for doc_ids, texts in corpus_batches:
-                yield np.asarray(doc_ids, dtype=str), encoder.encode(texts)
+                vectors = texts if precomputed else encoder.encode(texts)
+                yield np.asarray(doc_ids, dtype=str), vectors
                 bar.update(len(doc_ids))
 
     t = time.perf_counter()

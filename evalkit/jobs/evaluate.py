@@ -34,6 +34,7 @@ from evalkit._io import out_dir_problem
 from evalkit.embed.encoder import StreamingEncoder
 from evalkit.errors import EvalkitError
 from evalkit.evaluation.engine import DEFAULT_K_VALUES, PRIMARY, pairs_pass, retrieval_pass
+from evalkit.jobs import corpus_embeddings as ce
 from evalkit.jobs import results as rs
 from evalkit.jobs.tasks import PairsTask, RetrievalTask
 
@@ -107,6 +108,7 @@ def evaluate_retrieval(
     index: Any = None,
     plots: bool = True,
     progress: bool = True,
+    corpus_embeddings: str | os.PathLike | None = None,
     **source_options: Any,
 ) -> dict[str, Any]:
     """Evaluate `model` on a BEIR-layout retrieval set (corpus.jsonl, queries.jsonl, qrels TSV)
@@ -118,13 +120,16 @@ def evaluate_retrieval(
     x dim + ~20 bytes per corpus id). `index`: search with a FAISS index instead
     (evalkit.search.ann.ann_search): a factory string, "auto", a built index folder or an
     EmbeddingIndex (such results are not kept in the results store). `ignore_identical_ids` drops
-    a result whose id equals the query id (BEIR/MTEB option). See evaluate_pairs for
+    a result whose id equals the query id (BEIR/MTEB option). `corpus_embeddings`: a checked
+    `evalkit encode` output of this corpus used instead of encoding it
+    (evalkit.jobs.corpus_embeddings; not kept in the results store either). See evaluate_pairs for
     model/cache/results/recompute/out.
     """
     spec = RetrievalTask(
         corpus, queries, qrels, dialect=dialect, k_values=k_values,
         ignore_identical_ids=ignore_identical_ids, corpus_block=corpus_block, **source_options,
     )  # fmt: skip
+    spec.corpus_embeddings = corpus_embeddings
     return evaluate_task(
         spec, model=model, cache=cache, results=results, recompute=recompute, out=out,
         device=device, batch_size=batch_size, index=index, plots=plots, progress=progress,
@@ -208,7 +213,12 @@ def _results_store(results: Any, cache: Any, task: Any, index: Any) -> rs.Result
     folder = rs.results_dir(results, cache)
     if folder is None:
         return None
-    if index is not None or task.fingerprint is None or task.settings() is None:
+    if (
+        index is not None
+        or getattr(task, "corpus_embeddings", None)
+        or task.fingerprint is None
+        or task.settings() is None
+    ):
         logger.debug("results store not used for this evaluation (ANN index or unhashable data)")
         return None
     return rs.ResultsStore(folder)
@@ -318,11 +328,15 @@ def _run_retrieval(task: RetrievalTask, encoder, target, index, progress, t0):
         if target is not None:
             per_item.update(rs.write_queries(Path(target) / rs.PER_ITEM_FILE, ids, keys, values))
 
+    batches, precomputed = task.corpus_batches(), getattr(task, "corpus_embeddings", None)
+    if precomputed:
+        opened = ce.open_checked(precomputed, task.n_docs)
+        batches = ce.checked_blocks(encoder, precomputed, opened, batches)
     metrics, curve, timings = retrieval_pass(
-        task.query_ids, task.query_texts, task.judged, task.corpus_batches(), encoder,
+        task.query_ids, task.query_texts, task.judged, batches, encoder,
         k_values=task.k_values, dialect=task.dialect, n_docs=task.n_docs,
         ignore_identical_ids=task.ignore_identical_ids, index=index, progress=progress,
-        per_query=keep,
+        per_query=keep, precomputed=bool(precomputed),
     )  # fmt: skip
     score, ks = encoder.similarity, task.k_values
     headline = [f"{score}_{m}" for m in ("ndcg@10", "mrr@10", "map@100", "recall@10", "recall@100")]
@@ -334,6 +348,7 @@ def _run_retrieval(task: RetrievalTask, encoder, target, index, progress, t0):
         "headline": [h for h in headline if h in metrics] or list(metrics)[:6],
         "k_values": ks,
         "search": "exact" if index is None else f"ann:{getattr(index, 'spec', index)}",
+        "corpus_embeddings": str(precomputed) if precomputed else None,
         "model": encoder.model_info(),
         "data": {
             **task.describe(),

@@ -3,19 +3,26 @@
 1. Plan (pure, `plan_shards`): the job's rows are `[rows*I//N, rows*(I+1)//N)` for `--shard I/N`
    (disjoint and complete over I = 0..N-1, under any scheduler); they are cut at global multiples
    of `rows_per_shard`, so shard files have the same names however the job is split.
-2. Refuse an output directory made with another model fingerprint, dtype, input, column or
-   shard size (FingerprintMismatchError / StoreError) unless `overwrite=True`.
+2. Refuse an output directory made with another model fingerprint, dtype, input, column, shard
+   size or format (FingerprintMismatchError / StoreError) unless `overwrite=True`.
 3. Verify shards the manifest lists as done: the file (size + BLAKE2b), then, in one read pass
    over their rows, the input (`shards.RowDigest` of texts and ids as read, recorded as
    `input_xxh128`). A shard whose input changed since (e.g. a same-size edit the sampled input
    fingerprint cannot see) is re-encoded, with a warning; the others are skipped.
 4. Stream the input (evalkit.data.readers.iter_batches, only the text and id columns) through one
-   StreamingEncoder; write each shard to a temp file in DIR as windows arrive
-   (`id`, `embedding`: fixed_size_list<float32|float16>[dim]), fsync, `os.replace` into place, then
-   rewrite the manifest the same way. The encoder's window (its unit of store writes) is at most a
-   quarter of a shard, so a kill -9 loses at most the shard file in progress, and its windows
-   already in the store come back as cache hits on the next run, even before the first shard is
-   done (byte-identical: whether a text hits depends only on the texts before it).
+   StreamingEncoder that reads the store but does not write it; write each shard to a temp file
+   in DIR as windows arrive (`id`, `key`: the store key of the text, `embedding`:
+   fixed_size_list<float32|float16>[dim]), fsync, `os.replace` into place, then rewrite the
+   manifest the same way. A kill -9 loses at most the shard files in progress.
+5. When every shard of the run is written, put the job's shards into the store
+   (`shards.import_into_store`: keys and vectors from the files, no second pass over the texts).
+
+Why the store is written only at the end: a window's bytes depend on which of its texts hit
+(the misses are encoded together, and a batch's padding changes the last bits of a vector), so a
+window may hit only what was in the store before the job started. Then a shard's bytes depend
+only on its texts and that store, never on how many workers run, in which order, or on a kill:
+`--workers N` (evalkit.jobs.precompute_workers) and Ray (evalkit.jobs.precompute_ray) run the
+same per-shard writer (`_write_shard`) and give byte-identical shards and stable manifests.
 
 One manifest per job: `manifest.json` for 1/1, `manifest-IIIII-of-NNNNN.json` for `--shard I/N`,
 so N jobs can share one DIR; `load_manifest` merges them.
@@ -39,6 +46,7 @@ from evalkit.embed.shards import (
     DEFAULT_ROWS_PER_SHARD,
     FORMAT,
     ID_COLUMN,
+    KEY_COLUMN,
     VECTOR_COLUMN,
     RowDigest,
     _atomic_write_json,
@@ -53,7 +61,9 @@ from evalkit.embed.shards import (
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
 
 logger = logging.getLogger(__name__)
-_WINDOWS_PER_SHARD = 4  # store writes per shard at least: a kill loses at most a quarter shard
+_WINDOWS_PER_SHARD = (
+    4  # windows per shard at least (each window is one read-ahead, dedupe and write unit)
+)
 
 
 class _RowReader:
@@ -117,28 +127,25 @@ def run_precompute(
     "last_run" holds this run's rows/hits/misses/seconds and the shards it skipped.
     """
     from evalkit.data import readers as arrow
-    from evalkit.data.fingerprint import data_fingerprint
     from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats, StreamingEncoder
     from evalkit.embed.store import EmbeddingStore
 
     shard = parse_shard(shard)
     _check_args(dtype, batch_size, rows_per_shard)
     window = window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
-    out = Path(out)
+    out = _local_out(out)
     if problem := out_dir_problem(out):
         raise EvalkitError(problem)
     t_start = time.perf_counter()
     batches = _checked_input(data, column, id_column, source_options)
-    try:
-        input_fp = data_fingerprint(data)
-    except TypeError:
-        input_fp = None
+    input_fp = input_fingerprint(data)
     rows = arrow.count_rows(data, **source_options)
     if rows == 0:
         raise DataError(f"{data} has no rows to encode")
     store = None if cache is False else EmbeddingStore(cache, dtype=dtype)
     encoder = StreamingEncoder(model, store=store, batch_size=batch_size, window=window, prompt=prompt,
-                               prompt_name=prompt_name, normalize=normalize, device=device, dtype=dtype)  # fmt: skip
+                               prompt_name=prompt_name, normalize=normalize, device=device, dtype=dtype,
+                               write_store=False)  # fmt: skip
     stats = EncodeStats()
     try:
         manifest = _prepare(out, encoder, input_fp, rows, column, id_column, dtype, shard,
@@ -155,6 +162,7 @@ def run_precompute(
                            (shard, plan), stats, progress)  # fmt: skip
         encoder.close()
         manifest = _save(out, manifest, shard, plan, stats)
+        imported = import_finished(out, manifest, store) if todo else 0
     finally:
         encoder.close()
     manifest["last_run"] = {
@@ -165,6 +173,8 @@ def run_precompute(
         "skipped_shards": len(done),
         "written_shards": len(todo),
         "reencoded_shards": [changed[r] for r in plan if r in changed],
+        "imported_rows": imported,
+        "startup_s": round(encoder.load_s, 3),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     return manifest
@@ -176,17 +186,59 @@ def _checked_input(data: Any, column: str, id_column: str | None, options: dict[
     before any model loads: the columns exist, the text column holds text, and the first batch
     has no null or bad UTF-8."""
     from evalkit.data import readers
+    from evalkit.data.beir import text_columns
 
-    columns = [column] + ([id_column] if id_column and id_column != column else [])
+    texts = text_columns(column)
+    columns = read_columns(column, id_column)
 
     def batches() -> Iterator[Any]:
-        return readers.iter_batches(data, columns=columns, text_columns=[column], **options)
+        return readers.iter_batches(data, columns=columns, text_columns=texts, **options)
 
     first = next(batches(), None)
-    if first is not None and first.column(column).null_count:
-        row = int(first.column(column).is_null().to_numpy(zero_copy_only=False).argmax())
-        raise DataError(f"{data}: row {row} has a null {column!r}; drop or fill it first")
+    for name in texts if first is not None else ():
+        if first.column(name).null_count:
+            row = int(first.column(name).is_null().to_numpy(zero_copy_only=False).argmax())
+            raise DataError(f"{data}: row {row} has a null {name!r}; drop or fill it first")
     return batches
+
+
+def import_finished(out: Any, manifest: dict, store: Any) -> int:
+    """Put the job's finished shards into `store` (step 5); returns the rows put."""
+    from evalkit.embed.shards import import_into_store
+
+    if store is None or not manifest["shards"]:
+        return 0
+    files = [s["file"] for s in manifest["shards"]]
+    return import_into_store(out, store, files=files, manifest=manifest)["rows"]
+
+
+def input_fingerprint(data: Any) -> str | None:
+    """The input's data fingerprint (None for inputs that have none, e.g. an in-memory table)."""
+    from evalkit.data.fingerprint import data_fingerprint
+
+    try:
+        return data_fingerprint(data)
+    except TypeError:
+        return None
+
+
+def _local_out(out: Any) -> Path:
+    if "://" in str(out):
+        raise EvalkitError(
+            f"--out {out}: write to a remote folder with run_precompute_workers or run_precompute_ray"
+        )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"--out {out} is a file; give a directory")
+    return out
+
+
+def read_columns(column: str, id_column: str | None) -> list[str]:
+    """The input columns a job reads: the text column(s) ("title+text" joins two) and the ids."""
+    from evalkit.data.beir import text_columns
+
+    names = text_columns(column)
+    return names + ([id_column] if id_column and id_column not in names else [])
 
 
 def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:
@@ -252,6 +304,11 @@ def _prepare(
             path.unlink()
         existing = []
     for old in existing:
+        if old.get("format") != FORMAT:
+            raise StoreError(
+                f"{out} was written by an older evalkit (format {old.get('format')!r}, no key "
+                "column); use another --out or pass --overwrite"
+            )
         if old.get("model_fingerprint") != encoder.fingerprint:
             raise FingerprintMismatchError(
                 f"{out} holds embeddings of another model (fingerprint {old.get('model_fingerprint')}, "
@@ -279,7 +336,7 @@ def _prepare(
         "prompt": encoder.prompt,
         "normalize": encoder.normalize,
         "shard": list(shard),
-        "columns": {"id": ID_COLUMN, "vector": VECTOR_COLUMN},
+        "columns": {"id": ID_COLUMN, "key": KEY_COLUMN, "vector": VECTOR_COLUMN},
         "shards": [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -338,7 +395,9 @@ def _changed_inputs(done: dict, batches: Any, column: str, id_column: str | None
 
 def _digest_columns(piece: Any, column: str, id_column: str | None) -> list:
     """The columns a shard's input digest covers: the texts, and the ids when they are read."""
-    return [piece.column(column)] + ([piece.column(id_column)] if id_column else [])
+    from evalkit.data.beir import document_texts
+
+    return [document_texts(piece, column)] + ([piece.column(id_column)] if id_column else [])
 
 
 def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
@@ -359,10 +418,15 @@ def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
 def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, bar) -> dict:
     import pyarrow as pa
 
+    from evalkit.data.beir import document_texts
+    from evalkit.embed.store import KEY_BYTES, make_keys
+
     np_dtype = np.float16 if dtype == "float16" else np.float32
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     ids: collections.deque = collections.deque()
     digest = RowDigest()
+    keys: collections.deque = collections.deque()
+    fingerprint = encoder.fingerprint
 
     def texts() -> Iterator[Any]:
         row = a
@@ -373,8 +437,12 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
                 if id_column
                 else pa.array(np.arange(row, row + len(piece), dtype=np.int64))
             )
+            text = document_texts(piece, column)
+            # a non-string text gets a placeholder key: the encoder refuses its window anyway
+            plain = [t if isinstance(t, str) else "" for t in text.to_pylist()]
+            keys.append(pa.array(make_keys(fingerprint, plain), type=pa.binary(KEY_BYTES)))
             row += len(piece)
-            yield piece.column(column)
+            yield text
 
     name = shard_name(a, b)
     final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
@@ -386,10 +454,13 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
             update = None if bar is None else bar.update
             for block in encoder.iter_encode(texts(), stats=stats, first_row=a, on_progress=update):
                 id_array = _take_ids(ids, len(block))
+                key_array = _take_ids(keys, len(block))
                 vec = pa.FixedSizeListArray.from_arrays(
                     pa.array(block.astype(np_dtype).reshape(-1), type=value_type), block.shape[1]
                 )
-                batch = pa.record_batch([id_array, vec], names=[ID_COLUMN, VECTOR_COLUMN])
+                batch = pa.record_batch(
+                    [id_array, key_array, vec], names=[ID_COLUMN, KEY_COLUMN, VECTOR_COLUMN]
+                )
                 if writer is None:
                     writer = pa.ipc.new_file(sink, batch.schema)
                 writer.write_batch(batch)

@@ -168,6 +168,7 @@ class RetrievalTask:
             raise EvalkitError(f"corpus_block must be a positive integer; got {corpus_block!r}")
         self.corpus, self.queries, self.qrels = corpus, queries, qrels
         self.dialect, self.ignore_identical_ids = dialect, bool(ignore_identical_ids)
+        self.corpus_embeddings: Any = None  # an `evalkit encode` output used instead of encoding
         self.corpus_block, self.source_options = corpus_block, source_options
         self._fingerprint: str | None | bool = False
         self.judged: dict[str, dict[str, int]] | None = None

@@ -365,3 +365,33 @@ def test_dictionary_columns_are_stored_as_their_values(tmp_path):
     got = readers.open_ipc(convert(table, tmp_path / "o.arrow", progress=False).dest)
     assert got.schema.field("label").type == pa.string()
     assert got.column("label").to_pylist() == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "orc", "jsonl"])
+@pytest.mark.parametrize("row", [0, 1, 15, 16, 33, 49, 50, 99, 100])
+def test_iter_batches_from_matches_the_full_scan(tmp_path, kind, row):
+    """Guards against a worker that starts its shard at the wrong row (its ids and vectors would
+    be shifted): from `first` on, the rows are exactly the full scan's, and `first` <= `row`,
+    over several files of several Parquet row groups."""
+    n = 100
+    big = pa.table({"id": pa.array(range(n), pa.int64()), "text": [f"t{i}" for i in range(n)]})
+    ext = {"parquet": "parquet", "arrow": "arrow", "orc": "orc", "jsonl": "jsonl"}[kind]
+    for i, (a, b) in enumerate([(0, 50), (50, 80), (80, 100)]):
+        part = big.slice(a, b - a)
+        path = tmp_path / f"part-{i}.{ext}"
+        if kind == "parquet":
+            pq.write_table(part, path, row_group_size=16)
+        elif kind == "arrow":
+            feather.write_feather(part, path)
+        elif kind == "orc":
+            orc.write_table(part, path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in part.to_pylist()))
+    for batch_size in (7, 1000):
+        first, batches = readers.iter_batches_from(
+            str(tmp_path / f"*.{ext}"), row, columns=["text", "id"], batch_size=batch_size
+        )
+        ids = [i for batch in batches for i in batch.column("id").to_pylist()]
+        assert first <= row and ids == list(range(first, n))
+        if kind in ("parquet", "arrow", "orc") and row >= 50:
+            assert first >= 50  # whole files before the row are skipped, not read

@@ -134,14 +134,17 @@ from evalkit.embed.store import EmbeddingStore
 _encode, _put = SentenceTransformer.encode, EmbeddingStore.put_many
 
 
-def paced_encode(self, *args, **kwargs):  # ~0.1 s per window: a kill lands mid-job on any machine
+def paced_encode(self, texts, *args, **kwargs):  # ~0.1 s per call: a kill lands mid-job anywhere
     time.sleep(0.1)
-    return _encode(self, *args, **kwargs)
+    out = _encode(self, texts, *args, **kwargs)
+    with open(os.environ["PROGRESS"], "a") as fh:  # tell the test how many texts were encoded
+        fh.write(f"{len(texts)}\\n")
+    return out
 
 
 def logged_put(self, keys, vectors, **kwargs):  # tell the test how many vectors reached the store
     n = _put(self, keys, vectors, **kwargs)
-    with open(os.environ["PROGRESS"], "a") as fh:
+    with open(os.environ["STORED"], "a") as fh:
         fh.write(f"{len(keys)}\\n")
     return n
 
@@ -184,7 +187,7 @@ def _job(tmp_path: Path, corpus: Path, out: Path, cache: Path, model_dir, kill: 
     script.write_text(RUNNER)
     progress = out.with_name(out.name + ".progress")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PROGRESS=str(progress), KILL_AT=kill)  # fmt: skip
+               PROGRESS=str(progress), STORED=str(_stored_log(out)), KILL_AT=kill)  # fmt: skip
     args = [sys.executable, str(script), str(corpus), str(out), str(cache), str(model_dir)]
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -192,7 +195,12 @@ def _job(tmp_path: Path, corpus: Path, out: Path, cache: Path, model_dir, kill: 
     return proc, progress
 
 
+def _stored_log(out: Path) -> Path:
+    return out.with_name(out.name + ".stored")
+
+
 def _stored(progress: Path) -> int:
+    """The texts a job logged (encoded, or put into the store for `_stored_log`)."""
     try:
         return sum(int(x) for x in progress.read_text().split())
     except (OSError, ValueError):
@@ -245,26 +253,27 @@ def _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, refer
 
 
 @pytest.mark.slow
-def test_kill_before_the_first_shard_keeps_finished_windows(
+def test_kill_before_the_first_shard_stores_nothing(
     kill_corpus, tiny_model_dir, reference, tmp_path
 ):
-    """Guards against: a job killed before its first shard completes lost all its work, because
-    its one store write per shard (window = shard) had not happened yet; the rerun re-encoded
-    everything. Now finished windows are in the store and come back as hits, byte-identical."""
+    """Guards against: vectors of an unfinished job reaching the store, where the rerun would hit
+    them and encode its windows in other batches (other last bits: a resumed output that is not
+    the uninterrupted run's bytes). The job reads the store as it was when it started and imports
+    its shards only once all are written; a kill before the first shard loses that shard only."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     first = out / "embeddings-000000000000-000000000200.arrow"
     proc, progress = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir)
-    _kill_when(proc, lambda: _stored(progress) > 0 or first.exists(), "a store write")
-    stored = _stored(progress)
-    assert not first.exists() and 0 < stored < KILL_SHARD  # part of shard 1 is in the store
+    _kill_when(proc, lambda: _stored(progress) >= 64 or first.exists(), "a window was encoded")
+    assert not first.exists() and _stored(_stored_log(out)) == 0  # nothing in the store
     resumed = _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference)
-    assert resumed["runs"][-1]["hits"] >= stored
+    assert resumed["runs"][-1]["rows"] == KILL_ROWS and resumed["runs"][-1]["hits"] == 0
+    assert _stored(_stored_log(out)) == KILL_ROWS  # imported once, at the end
 
 
 @pytest.mark.slow
 def test_kill_mid_shard(kill_corpus, tiny_model_dir, reference, tmp_path):
-    """Guards against: a kill inside shard 2 (its temp file half written, some windows in the
-    store) leaving a torn shard that is kept, or a resumed output that differs in any byte."""
+    """Guards against: a kill inside shard 2 (its temp file half written) leaving a torn shard
+    that is kept, or a resumed output that differs in any byte."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     first = out / "embeddings-000000000000-000000000200.arrow"
     proc, progress = _job(tmp_path, kill_corpus, out, cache, tiny_model_dir)
@@ -289,7 +298,8 @@ def test_kill_around_the_manifest_write(kill_corpus, tiny_model_dir, reference, 
     if phase == "manifest-write":
         assert list(out.glob(".manifest.json.tmp-*"))  # the torn temp is there
     resumed = _resume_and_compare(tmp_path, kill_corpus, out, cache, tiny_model_dir, reference)
-    assert resumed["runs"][-1]["misses"] == 200  # shard 2 came back from the store
+    # shards 2 and 3 written again: an unfinished job put nothing into the store
+    assert resumed["runs"][-1]["rows"] == 2 * KILL_SHARD and resumed["runs"][-1]["hits"] == 0
 
 
 @pytest.mark.slow
