@@ -59,6 +59,7 @@ from evalkit.embed.shards import (
     shard_name,
 )
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
+from evalkit.jobs._inputs import checked_input, input_fingerprint, read_columns  # noqa: F401
 
 logger = logging.getLogger(__name__)
 _WINDOWS_PER_SHARD = (
@@ -137,7 +138,7 @@ def run_precompute(
     if problem := out_dir_problem(out):
         raise EvalkitError(problem)
     t_start = time.perf_counter()
-    batches = _checked_input(data, column, id_column, source_options)
+    batches = checked_input(data, column, id_column, source_options)
     input_fp = input_fingerprint(data)
     rows = arrow.count_rows(data, **source_options)
     if rows == 0:
@@ -180,28 +181,6 @@ def run_precompute(
     return manifest
 
 
-def _checked_input(data: Any, column: str, id_column: str | None, options: dict[str, Any]):
-    """-> a function returning a fresh scan of the input's text (and id) columns, the text as
-    valid UTF-8 strings (never str() of bytes or numbers, see evalkit.data.text). Checked now,
-    before any model loads: the columns exist, the text column holds text, and the first batch
-    has no null or bad UTF-8."""
-    from evalkit.data import readers
-    from evalkit.data.beir import text_columns
-
-    texts = text_columns(column)
-    columns = read_columns(column, id_column)
-
-    def batches() -> Iterator[Any]:
-        return readers.iter_batches(data, columns=columns, text_columns=texts, **options)
-
-    first = next(batches(), None)
-    for name in texts if first is not None else ():
-        if first.column(name).null_count:
-            row = int(first.column(name).is_null().to_numpy(zero_copy_only=False).argmax())
-            raise DataError(f"{data}: row {row} has a null {name!r}; drop or fill it first")
-    return batches
-
-
 def import_finished(out: Any, manifest: dict, store: Any) -> int:
     """Put the job's finished shards into `store` (step 5); returns the rows put."""
     from evalkit.embed.shards import import_into_store
@@ -210,16 +189,6 @@ def import_finished(out: Any, manifest: dict, store: Any) -> int:
         return 0
     files = [s["file"] for s in manifest["shards"]]
     return import_into_store(out, store, files=files, manifest=manifest)["rows"]
-
-
-def input_fingerprint(data: Any) -> str | None:
-    """The input's data fingerprint (None for inputs that have none, e.g. an in-memory table)."""
-    from evalkit.data.fingerprint import data_fingerprint
-
-    try:
-        return data_fingerprint(data)
-    except TypeError:
-        return None
 
 
 def _local_out(out: Any) -> Path:
@@ -231,14 +200,6 @@ def _local_out(out: Any) -> Path:
     if out.exists() and not out.is_dir():
         raise EvalkitError(f"--out {out} is a file; give a directory")
     return out
-
-
-def read_columns(column: str, id_column: str | None) -> list[str]:
-    """The input columns a job reads: the text column(s) ("title+text" joins two) and the ids."""
-    from evalkit.data.beir import text_columns
-
-    names = text_columns(column)
-    return names + ([id_column] if id_column and id_column not in names else [])
 
 
 def _check_args(dtype: str, batch_size: Any, rows_per_shard: Any) -> None:
