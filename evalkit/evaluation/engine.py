@@ -9,11 +9,11 @@
    metric is undefined or trivial (one class, one gold value) is refused; any other undefined
    metric (constant scores) is logged as a warning and written as null.
 3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
-   into `exact_search` (O(queries x k) state), and scores the ranked lists with the dialect's
-   retrieval metrics and a recall@k curve; `per_query(ids, keys, values)`, when given, receives
-   every counted query's metric values. `warn_missing_documents` warns (count, example id) when
-   the qrels judge documents that are not in the corpus: they can never be retrieved, so they
-   lower recall.
+   into `exact_search` (O(queries x k) state; its GEMM on the model's GPU when it has one), and
+   scores the ranked lists with the dialect's retrieval metrics and a recall@k curve;
+   `per_query(ids, keys, values)`, when given, receives every counted query's metric values.
+   `warn_missing_documents` warns (count, example id) when the qrels judge documents that are not
+   in the corpus: they can never be retrieved, so they lower recall.
 
 The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators`.
 """
@@ -190,7 +190,12 @@ def retrieval_pass(
     t = time.perf_counter()
     if index is None:
         top_scores, top_ids = exact_search(
-            query_emb, blocks(), metric.depth, score=score_name, dialect=dialect
+            query_emb,
+            blocks(),
+            metric.depth,
+            score=score_name,
+            dialect=dialect,
+            device=_gpu_of(encoder),
         )
     else:  # a FAISS factory string, "auto", a folder from `evalkit index build`, an EmbeddingIndex
         from evalkit.search.ann import ann_search
@@ -215,6 +220,15 @@ def retrieval_pass(
     curve = _recall_curve(qrels, query_ids, ranked, metric.max_k)
     timings = {"encode_queries_s": t_queries, "corpus_encode_and_search_s": t_search}
     return metrics, curve, timings
+
+
+def _gpu_of(encoder: Any) -> Any:
+    """The GPU the encoder's model was loaded on (exact search runs its GEMM there), else None:
+    the CPU, and no torch import when every vector came from the store."""
+    if not getattr(encoder, "loaded", False):
+        return None
+    device = getattr(encoder.model, "device", None)
+    return device if getattr(device, "type", "cpu") not in ("cpu", "meta") else None
 
 
 def _average(metric: Any, dialect: str) -> dict[str, float]:

@@ -1,27 +1,33 @@
 """Exact top-k search over a corpus that streams through in blocks.
 
-Algorithm (``exact_search``):
-1) normalise the queries once (cosine), in float64;
-2) for each corpus block (ids, vectors): normalise (cosine), score = queries @ block.T computed
-   in float64 and rounded to the embeddings' dtype (float32 unless float64 is given), so a score
-   does not depend on which BLAS kernel a block's shape selects;
-3) ``TopK.update``: once k hits are held, only scores >= a row's k-th best are gathered;
-   otherwise keep the block's best k per query under the total order (-score, id), found with
-   ``argpartition``, rows whose k-th score is tied re-selected by id, so the choice never depends
-   on where the block boundaries fall; merge with the running k and re-sort;
-4) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
+Algorithm (``exact_search``): float32 GEMM for candidates, float64 for the answer.
+1) normalise the queries once (cosine), in float64; keep a float32 copy for the GEMM;
+2) for each corpus slice: float64 row norms (cosine) and a float32 copy of the normalised rows;
+   approximate scores A = queries32 @ slice32.T with one float32 GEMM (numpy, or torch on a GPU);
+3) a bound M >= |A - S| for every pair, from the float32 error analysis of a dot product
+   (|fl(a.b) - a.b| <= gamma_d sum|a_i b_i|, gamma_d = d u / (1 - d u), u = 2^-24, plus the
+   float32 rounding of both operands and of the final score): M = C(d) |q| max|v|;
+4) candidates: a pair can belong to the final top-k only if its exact score S reaches the row's
+   current k-th exact score (once k are held), or the k-th largest (A - M) of the slice (before):
+   keep the pairs with A >= that bound - M; everything else is provably outside the top-k;
+5) rescore the candidates exactly: S = fl(einsum(q64, v64)) / |v| in float64, one fixed-order
+   dot product per (query, document) pair, rounded to the embeddings' dtype; so a score is the
+   same function of the two vectors whatever the block, slice or chunk it was computed in;
+6) ``TopK`` folds the candidates in under the total order (-score, id), ties broken by id;
+7) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
 Queries are scored QUERY_ROWS at a time against CORPUS_ROWS-row slices of each block, so RAM is
 O(n_queries x k + QUERY_ROWS x CORPUS_ROWS) whatever the corpus and block sizes.
 
-Because every step selects by one total order, the result is identical for any block size.
-Dialects: ``sentence-transformers`` ranks by (-score, id ascending) on the scores as computed;
-``trec_eval`` (pytrec_eval, BEIR, MTEB) casts scores to float32 and breaks ties by id descending,
-comparing ids as strings.
+Because candidates are a superset of the true top-k and every kept score is exact, the result
+is the float64 answer and identical for any block size. Dialects: ``sentence-transformers`` ranks
+by (-score, id ascending) on the scores as computed; ``trec_eval`` (pytrec_eval, BEIR, MTEB)
+casts scores to float32 and breaks ties by id descending, comparing ids as strings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +36,7 @@ from evalkit.metrics._rank import TIES, id_key, order_rows, take_rows
 
 DIALECTS = ("sentence-transformers", "trec_eval")
 QUERY_ROWS = 512  # queries scored together
-CORPUS_ROWS = 8192  # corpus rows scored together: work arrays stay ~ 512 x 8192 float64 (32 MiB)
+CORPUS_ROWS = 8192  # corpus rows scored together: work arrays stay ~ 512 x 8192 float32 (16 MiB)
 SCORES = ("cosine", "dot")
 
 
@@ -118,18 +124,54 @@ class TopK:
             part[tied] = np.argpartition(key, k - 1, axis=1)[:, :k]
         return np.take_along_axis(scores, part, axis=1), ids[part]
 
+    def add_candidates(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in candidate hits given as parallel arrays (query row ascending, score, id).
+
+        While fewer than k are held every row must have candidates (the bounded search gives
+        each row at least k, or the whole slice); once k are held only the rows with candidates
+        are re-sorted."""
+        counts = np.bincount(rows, minlength=self.n_queries)
+        sel = np.flatnonzero(counts)
+        if not len(sel):
+            return
+        most = int(counts.max())
+        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        pos = np.cumsum(counts > 0)[rows] - 1  # index of each hit's row among `sel`
+        cand_scores = np.full((len(sel), most), -np.inf, dtype=scores.dtype)
+        cand_ids = np.full((len(sel), most), ids[0], dtype=ids.dtype)
+        cand_scores[pos, slot] = scores
+        cand_ids[pos, slot] = ids
+        if self.scores is None or len(sel) == self.n_queries:
+            self._fold(cand_scores, cand_ids)  # -inf padding sorts below every real hit
+            return
+        merged_s = np.concatenate([self.scores[sel], cand_scores], axis=1)
+        merged_i = np.concatenate([self.ids[sel], cand_ids], axis=1)
+        order = self._order(merged_s, merged_i)
+        if self.ids.dtype != merged_i.dtype:  # e.g. longer strings: widen before assigning
+            self.ids = self.ids.astype(np.result_type(self.ids, merged_i))
+        self.scores[sel] = take_rows(merged_s, order)
+        self.ids[sel] = take_rows(merged_i, order)
+
     def _fold(self, scores: np.ndarray, ids: np.ndarray) -> None:
         if self.scores is not None:
             scores = np.concatenate([self.scores, scores], axis=1)
             ids = np.concatenate([self.ids, ids], axis=1)
-        order = order_rows(scores, ids, self.ties)[:, : self.k]
+        order = self._order(scores, ids)
         self.scores = take_rows(scores, order)
         self.ids = take_rows(ids, order)
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, x.dtype.type(1e-12))
+    def _order(self, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The first min(k, width) columns of `order_rows(scores, ids, ties)`, computed by score
+        alone where no two of a row's first k+1 sorted scores are equal (the id key, costly for
+        strings, then cannot change the kept order); rows with ties take the full order."""
+        k = min(self.k, scores.shape[1])
+        order = np.argsort(-scores, axis=1, kind="stable")
+        head = take_rows(scores, order[:, : k + 1])
+        tied = np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1))
+        order = order[:, :k]
+        if len(tied):
+            order[tied] = order_rows(scores[tied], ids[tied], self.ties)[:, :k]
+        return order
 
 
 def exact_search(
@@ -140,14 +182,20 @@ def exact_search(
     score: str = "cosine",
     dialect: str = "sentence-transformers",
     progress: bool = False,
+    device: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k corpus ids per query, streaming the corpus as (ids, vectors) blocks.
 
     Returns (scores, ids) of shape [n_queries, min(k, corpus size)], best first. ``score`` is
-    "cosine" (vectors normalised, clamped at 1e-12 as torch does) or "dot". Scores accumulate in
-    float64 and come back in the embeddings' dtype (float32 by default). With ``dialect="trec_eval"`` scores are cast
-    to float32 and ids to str, ties broken by id descending, as pytrec_eval ranks a run.
+    "cosine" (vectors normalised, clamped at 1e-12 as torch does) or "dot". Scores are exact
+    float64 dot products rounded to the embeddings' dtype (float32 by default); a float32 GEMM
+    only chooses which pairs to score (module docstring). ``device``: None or "cpu" runs the GEMM
+    in numpy; a torch device ("cuda", torch.device(...)) runs it in torch there, same answer.
+    With ``dialect="trec_eval"`` scores are cast to float32 and ids to str, ties broken by id
+    descending, as pytrec_eval ranks a run. NaN or infinite vectors raise DataError.
     """
+    from evalkit.search import _bounded
+
     if score not in SCORES:
         raise EvalkitError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
     ties = dialect_ties(dialect)
@@ -156,23 +204,26 @@ def exact_search(
         raise EvalkitError(
             f"query_emb must be a 2-D array [n_queries, dim]; got shape {q_in.shape}"
         )
-    q = q_in.astype(np.float64)
-    if score == "cosine":
-        q = _normalise(q)
+    cosine = score == "cosine"
+    q64, q_norms, q32 = _bounded.prepare_queries(q_in, cosine)
+    work = _bounded.Workspace(q64.shape[1], min(QUERY_ROWS, len(q64)), CORPUS_ROWS)
+    gemm = _bounded.gemm_backend(q32, device, work) if len(q64) else None
+    factor = _bounded.margin_factor(q64.shape[1])
     # bounded work arrays: query chunks x corpus slices of at most QUERY_ROWS x CORPUS_ROWS scores
-    spans = [(i, min(i + QUERY_ROWS, len(q))) for i in range(0, len(q), QUERY_ROWS)]
+    spans = [(i, min(i + QUERY_ROWS, len(q64))) for i in range(0, len(q64), QUERY_ROWS)]
     tops = [TopK(hi - lo, k, ties=ties) for lo, hi in spans]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="search", unit="doc")
+    row = 0
     for ids, vectors in corpus_blocks:
         v_in = np.asarray(vectors)
         ids = np.asarray(ids)
-        if v_in.ndim != 2 or v_in.shape[1] != q.shape[1] or len(ids) != len(v_in):
+        if v_in.ndim != 2 or v_in.shape[1] != q64.shape[1] or len(ids) != len(v_in):
             raise EvalkitError(
-                f"corpus block must be (ids[n], vectors[n, {q.shape[1]}]); "
+                f"corpus block must be (ids[n], vectors[n, {q64.shape[1]}]); "
                 f"got {len(ids)} ids and vectors {v_in.shape}"
             )
         out_dtype = (
@@ -183,13 +234,19 @@ def exact_search(
         if dialect == "trec_eval":
             ids = ids.astype(str)
         for c0 in range(0, len(v_in), CORPUS_ROWS):
-            v = v_in[c0 : c0 + CORPUS_ROWS].astype(np.float64)
-            if score == "cosine":
-                v = _normalise(v)
+            sl = _bounded.CorpusSlice(v_in[c0 : c0 + CORPUS_ROWS], cosine, work, row + c0)
+            slice_ids = ids[c0 : c0 + CORPUS_ROWS]
             for (lo, hi), top in zip(spans, tops, strict=True):
-                # float64 accumulation, then rounding to the embeddings' dtype: the float32 score is
-                # the correctly rounded exact value, whatever BLAS kernel the shapes pick
-                top.update((q[lo:hi] @ v.T).astype(out_dtype), ids[c0 : c0 + CORPUS_ROWS])
+                margin = factor * q_norms[lo:hi] * sl.vmax
+                held = top.scores is not None and top.scores.shape[1] == top.k
+                if np.max(q_norms[lo:hi]) * sl.vmax > _bounded.DENSE_NORM:
+                    rows, cols = _bounded.all_pairs(hi - lo, len(sl))  # float32 could overflow
+                else:
+                    kth = top.scores[:, -1].astype(np.float64) if held else None
+                    rows, cols = gemm.candidates(lo, hi, sl, margin, kth, top.k)
+                exact = _bounded.exact_scores(q64[lo:hi], sl, rows, cols, work).astype(out_dtype)
+                top.add_candidates(rows, exact, slice_ids[cols])
+        row += len(v_in)
         if bar is not None:
             bar.update(len(v_in))
     if bar is not None:

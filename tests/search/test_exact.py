@@ -129,3 +129,165 @@ def test_empty_corpus_and_no_queries():
     assert scores.shape == (3, 0) and ids.shape == (3, 0)
     scores, ids = exact_search(np.ones((0, 4), np.float32), [(np.arange(2), np.ones((2, 4)))], 5)
     assert scores.shape[0] == 0
+
+
+# ------------------------------------------------------------- float32 candidates, float64 answer
+
+
+def _near_ties(n=400, dim=384, dtype=np.float32, seed=3):
+    """Documents whose exact scores differ by far less than the float32 GEMM error (~1e-5):
+    one base vector with a single coordinate nudged by a few ulps, so a float32 dot product
+    cannot order them, plus exact duplicates and ids not in corpus order."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=dim).astype(dtype)
+    vectors = np.repeat(base[None, :], n, axis=0)
+    steps = rng.permutation(n).astype(dtype)
+    m = int(np.argmax(np.abs(base)))
+    vectors[:, m] = base[m] + steps * np.spacing(np.float32(base[m])) * 3  # float32 ulps
+    vectors[n // 2 :: 7] = vectors[n // 2]  # exact duplicates: true ties, broken by id
+    queries = (base[None, :] + rng.normal(scale=0.05, size=(6, dim))).astype(dtype)
+    queries[:, m] = np.abs(queries[:, m]) * np.sign(base[m])  # nudges matter in every query
+    ids = rng.permutation(10 * n)[:n]
+    return queries, vectors, ids
+
+
+def _float64_answer(queries, vectors, ids, k, score="cosine", out=np.float32, descending=False):
+    """The definition: float64 dot products (of float64-normalised rows for cosine), rounded to
+    the output dtype, ranked by (-score, id)."""
+    q = queries.astype(np.float64)
+    v = vectors.astype(np.float64)
+    if score == "cosine":
+        q = q / np.maximum(np.sqrt(np.einsum("ij,ij->i", q, q)), 1e-12)[:, None]
+    full = np.array([[np.einsum("i,i->", a, b) for b in v] for a in q])
+    if score == "cosine":
+        full = full * (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-12))[None, :]
+    return _reference(full.astype(out), ids, k, descending_ids=descending)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_near_ties_below_float32_resolution_are_ranked_exactly(block, score, dtype, monkeypatch):
+    """Guards against a float32 GEMM deciding the ranking: these scores differ by ~1e-8, far
+    below its error, so any pair chosen or ordered by float32 alone comes out in the wrong place
+    (and the answer would change with the block size)."""
+    import evalkit.search.exact as search
+
+    monkeypatch.setattr(search, "CORPUS_ROWS", 50)  # many slices: held-k cuts are exercised
+    queries, vectors, ids = _near_ties(dtype=dtype)
+    for k in (1, 10, 60):
+        got_s, got_i = exact_search(queries, _blocks(ids, vectors, block), k, score=score)
+        want_s, want_i = _float64_answer(queries, vectors, ids, k, score, out=dtype)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_array_equal(got_s, want_s)
+        assert got_s.dtype == dtype
+
+
+def test_trec_eval_dialect_near_ties_break_by_id_descending():
+    """Guards against the tie-break direction being lost on the candidate path."""
+    queries, vectors, ids = _near_ties()
+    sids = np.array([f"d{i}" for i in ids])
+    got_s, got_i = exact_search(queries, _blocks(sids, vectors, 33), 25, dialect="trec_eval")
+    want_s, want_i = _float64_answer(queries, vectors, sids, 25, descending=True)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_s, want_s)
+
+
+def test_float32_gemm_error_stays_inside_the_margin():
+    """Guards the proof's constant: on vectors built for cancellation (large terms of both
+    signs summing to a small score), |float32 GEMM - exact| must stay below C(d) |q| |v|."""
+    from evalkit.search import _bounded
+
+    rng = np.random.default_rng(5)
+    for dim in (8, 384, 1024):
+        q = rng.normal(size=(64, dim)).astype(np.float32) * 1e3
+        v = rng.normal(size=(512, dim)).astype(np.float32)
+        v[:, 1::2] = -v[:, 0::2][:, : v[:, 1::2].shape[1]]  # pairs that cancel
+        v += rng.normal(scale=1e-3, size=v.shape).astype(np.float32)
+        approx = (q @ v.T).astype(np.float64)
+        exact = q.astype(np.float64) @ v.astype(np.float64).T
+        bound = (
+            _bounded.margin_factor(dim)
+            * np.linalg.norm(q.astype(np.float64), axis=1)[:, None]
+            * np.linalg.norm(v.astype(np.float64), axis=1)[None, :]
+        )
+        assert (np.abs(approx - exact) <= bound).all()
+
+
+def test_a_pair_score_does_not_depend_on_its_batch():
+    """Guards block-size independence at the bit level: the same (query, document) pair scored
+    among different neighbours (other chunks, other slices) must give the same float64."""
+    from evalkit.search import _bounded
+
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(40, 384))
+    v = rng.normal(size=(300, 384)).astype(np.float32)
+    work = _bounded.Workspace(384, 40, 300)
+    sl = _bounded.CorpusSlice(v, True, work)
+    rows, cols = np.divmod(np.arange(40 * 300), 300)
+    whole = _bounded.exact_scores(q, sl, rows, cols, work)
+    pick = rng.choice(len(rows), 333, replace=False)
+    part = _bounded.exact_scores(q, sl, rows[pick], cols[pick], work)
+    np.testing.assert_array_equal(part, whole[pick])
+    sub = _bounded.CorpusSlice(v[100:200], True, _bounded.Workspace(384, 40, 100))
+    r2, c2 = np.divmod(np.arange(40 * 100), 100)
+    alone = _bounded.exact_scores(q, sub, r2, c2, work)
+    np.testing.assert_array_equal(alone, whole.reshape(40, 300)[:, 100:200].ravel())
+
+
+def test_torch_gemm_path_gives_the_numpy_answer():
+    """Guards the CUDA path's exactness rules, run here on torch's CPU device: candidates from a
+    torch GEMM, rescored exactly, must equal the numpy path bit for bit."""
+    torch = pytest.importorskip("torch")
+    queries, vectors, ids = _near_ties()
+    for k in (1, 10, 60):
+        want = exact_search(queries, _blocks(ids, vectors, 64), k)
+        got = exact_search(queries, _blocks(ids, vectors, 64), k, device=torch.device("cpu"))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_torch_path_restores_the_matmul_precision_setting():
+    """Guards against the search leaving the caller's TF32 / bf16 matmul setting changed, and
+    against it running its GEMM at reduced precision (the error bound assumes IEEE float32)."""
+    torch = pytest.importorskip("torch")
+    matmul = torch.backends.mkldnn.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without per-backend fp32_precision flags")
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"  # a caller's choice: bf16 GEMMs would break the bound
+    try:
+        queries, vectors, ids = _near_ties()
+        got = exact_search(queries, _blocks(ids, vectors, 64), 10, device=torch.device("cpu"))
+        want = exact_search(queries, _blocks(ids, vectors, 64), 10)
+        np.testing.assert_array_equal(got[1], want[1])
+        assert matmul.fp32_precision == "bf16"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_vectors_are_refused(bad):
+    """Guards against ranking NaN/inf scores (a garbage metric printed with exit 0)."""
+    from evalkit.errors import DataError
+
+    queries, vectors = _corpus()
+    vectors[123, 4] = bad
+    with pytest.raises(DataError, match="row 123 has a NaN or infinite"):
+        exact_search(queries, _blocks(np.arange(300), vectors, 100), 5)
+    queries[1, 0] = bad
+    with pytest.raises(DataError, match="query_emb row 1"):
+        exact_search(queries, [], 5)
+
+
+def test_huge_dot_products_fall_back_to_exact_scoring():
+    """Guards the overflow guard: vectors whose float32 products could overflow are scored
+    exactly for every pair instead of trusting a float32 GEMM."""
+    queries, vectors = _corpus(n=50)
+    queries = queries.astype(np.float64) * 1e20
+    vectors = vectors.astype(np.float64) * 1e20
+    ids = np.arange(50)
+    got_s, got_i = exact_search(queries, _blocks(ids, vectors, 16), 7, score="dot")
+    want_s, want_i = _float64_answer(queries, vectors, ids, 7, "dot", out=np.float64)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-12)

@@ -1,0 +1,259 @@
+"""Candidates by float32 GEMM with a proven error bound, scores by exact float64 rescoring.
+
+The engine behind `evalkit.search.exact.exact_search`:
+1) `prepare_queries`: float64 queries (normalised for cosine), their norms and a float32 copy;
+2) `CorpusSlice`: one corpus slice's float64 row norms (cosine: 1 / max(norm, 1e-12) as torch
+   clamps), the float32 normalised rows for the GEMM and the largest row norm after
+   normalisation; a NaN or infinite value is refused (it would rank as garbage);
+3) `margin`: M = C(d) * |q| * max|v| bounds |A - S| for every pair, where A is the float32 GEMM
+   score and S the exact score rounded to float32: C(d) = 1.01 (gamma_d + 8u) + 1e-12, u = 2^-24,
+   gamma_d = d u / (1 - d u) (any summation order, with or without FMA), 8u covering the float32
+   rounding of both operands, of the normaliser and of S;
+4) `candidates`: the pairs whose A reaches the cut (the row's k-th exact score held so far - M,
+   or the slice's k-th largest A - 2M while fewer than k are held), found by scanning the mask
+   a machine word at a time; the k-th largest A is bounded from below by the k-th largest of
+   >= 8k column-group maxima (cheap, and nearly as tight as a full partition);
+5) `exact_scores`: S = einsum(q64_i, v64_j) (* 1/|v_j|) in float64 over the explicit float64 rows,
+   128 pairs at a time: numpy reduces each row's products in one fixed order, so a pair's score
+   does not depend on which other pairs share its call.
+The approximate GEMM runs in numpy, or in torch on a torch device (TF32 and reduced-precision
+matmul switched off while it runs, so the float32 bound holds); candidates and rescoring are the
+same numpy code on both, so both give the same answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+from evalkit.errors import DataError
+
+U32 = 2.0**-24  # unit roundoff of float32
+RESCORE_PAIRS = 128  # pairs rescored per einsum call: rows stay in cache
+DENSE_NORM = 1e30  # |q| |v| above this could overflow float32: score every pair exactly
+NORM_ROWS = 1024  # rows whose float64 norms are computed together
+
+
+def margin_factor(dim: int) -> float:
+    """C(d): |A - S| <= C(d) |q| |v| for a float32 GEMM score A and the exact score S."""
+    gamma = dim * U32 / (1.0 - dim * U32)
+    return 1.01 * (gamma + 8 * U32) + 1e-12
+
+
+def row_norms(x: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
+    """float64 Euclidean norms of the rows, each the same function of its row alone (`work`: an
+    optional float64 scratch array of NORM_ROWS rows, reused instead of allocating)."""
+    out = np.empty(len(x), dtype=np.float64)
+    if work is None:
+        work = np.empty((min(NORM_ROWS, len(x)), x.shape[1]), dtype=np.float64)
+    for s in range(0, len(x), NORM_ROWS):
+        part = x[s : s + NORM_ROWS]
+        r = work[: len(part)]
+        r[...] = part
+        out[s : s + len(r)] = np.sqrt(np.einsum("ij,ij->i", r, r))
+    return out
+
+
+def _finite(norms: np.ndarray, what: str, first_row: int = 0) -> None:
+    bad = ~np.isfinite(norms)
+    if bad.any():
+        row = first_row + int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{what} row {row} has a NaN or infinite value (or overflows float64); "
+            "scores on it would be garbage: check the model's output"
+        )
+
+
+def prepare_queries(q_in: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q64 for rescoring, |q64| per row, q32 for the GEMM)."""
+    q64 = np.asarray(q_in, dtype=np.float64)
+    norms = row_norms(q64)
+    _finite(norms, "query_emb")
+    if cosine:
+        q64 = q64 / np.maximum(norms, 1e-12)[:, None]
+        norms = row_norms(q64)
+    return q64, norms, q64.astype(np.float32)
+
+
+class Workspace:
+    """Scratch arrays reused across slices and chunks: large temporaries would otherwise be
+    fresh pages (page faults) on every call."""
+
+    def __init__(self, dim: int, query_rows: int, corpus_rows: int) -> None:
+        self.norm = np.empty((NORM_ROWS, dim), dtype=np.float64)
+        self.approx = np.empty((query_rows, corpus_rows), dtype=np.float32)
+        self.mask = np.empty((query_rows, corpus_rows), dtype=bool)
+        self.gemm = np.empty((corpus_rows, dim), dtype=np.float32)
+        self.q = np.empty((RESCORE_PAIRS, dim), dtype=np.float64)
+        self.v = np.empty((RESCORE_PAIRS, dim), dtype=np.float64)
+
+
+class CorpusSlice:
+    """One corpus slice: raw rows (for rescoring), the float32 GEMM operand, 1/|v| (cosine)."""
+
+    def __init__(self, v: np.ndarray, cosine: bool, work: Workspace, first_row: int = 0) -> None:
+        self.v = v
+        norms = row_norms(v, work.norm)
+        _finite(norms, "corpus block", first_row)
+        gemm = work.gemm[: len(v)]
+        gemm[...] = v
+        if cosine:
+            self.inv = 1.0 / np.maximum(norms, 1e-12)
+            self.vmax = float(np.max(norms * self.inv, initial=0.0))
+            gemm *= self.inv.astype(np.float32)[:, None]
+        else:
+            self.inv = None
+            self.vmax = float(np.max(norms, initial=0.0))
+        self.gemm = gemm
+        self.device_gemm: Any = None  # the operand on a torch device, made once per slice
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+
+def exact_scores(q64, sl: CorpusSlice, rows: np.ndarray, cols: np.ndarray, work: Workspace):
+    """float64 exact scores of the (query row, slice column) pairs."""
+    out = np.empty(len(rows), dtype=np.float64)
+    for s in range(0, len(rows), RESCORE_PAIRS):
+        r, c = rows[s : s + RESCORE_PAIRS], cols[s : s + RESCORE_PAIRS]
+        qb, vb = work.q[: len(r)], work.v[: len(r)]
+        np.take(q64, r, axis=0, out=qb)
+        vb[...] = sl.v[c]
+        np.einsum("ij,ij->i", qb, vb, out=out[s : s + len(r)])
+    if sl.inv is not None:
+        out *= sl.inv[cols]
+    return out
+
+
+def _below32(cut: np.ndarray) -> np.ndarray:
+    """The largest float32 values not above `cut` (float64), so a float32 test keeps a superset."""
+    c32 = cut.astype(np.float32)
+    return np.where(c32 > cut, np.nextafter(c32, np.float32(-np.inf)), c32)
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a sparse 2-D boolean mask, in row-major order, reading 8 bytes at a time."""
+    nb = mask.shape[1]
+    flat = np.ascontiguousarray(mask).reshape(-1)
+    n8 = len(flat) // 8 * 8
+    hit = np.flatnonzero(flat[:n8].view(np.uint64))
+    r, c = np.nonzero(flat[:n8].reshape(-1, 8)[hit])
+    idx = np.concatenate([hit[r] * 8 + c, np.flatnonzero(flat[n8:]) + n8])
+    return np.divmod(idx, nb)
+
+
+def _kth_lower(approx: np.ndarray, k: int) -> np.ndarray:
+    """Per row, a value with at least k entries >= it, close to the k-th largest."""
+    n, nb = approx.shape
+    groups = 1 << max(0, int(8 * k - 1).bit_length())
+    if nb >= 4 * groups:  # the k-th largest of the column-group maxima: k groups reach it
+        per = nb // groups
+        maxima = approx[:, : per * groups].reshape(n, per, groups).max(axis=1)
+        return np.partition(maxima, groups - k, axis=1)[:, groups - k]
+    return np.partition(approx, nb - k, axis=1)[:, nb - k]
+
+
+def candidates(
+    approx: np.ndarray,
+    margin: np.ndarray,
+    held_kth: np.ndarray | None,
+    k: int,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pairs that may enter the top-k; see the module docstring, step 4."""
+    n, nb = approx.shape
+    if held_kth is None:
+        if nb <= k:
+            rows, cols = np.divmod(np.arange(n * nb), nb)
+            return rows, cols
+        cut = _kth_lower(approx, k).astype(np.float64) - 2 * margin
+    else:
+        cut = held_kth - margin
+    mask = np.greater_equal(approx, _below32(cut)[:, None], out=mask)
+    rows, cols = _nonzero(mask)
+    if held_kth is not None and nb > k and len(rows) > 4 * k * n:
+        # a slice far better than what is held: its own k-th best bounds the cut tighter
+        cut = np.maximum(cut, _kth_lower(approx, k).astype(np.float64) - 2 * margin)
+        mask = np.greater_equal(approx, _below32(cut)[:, None], out=mask)
+        rows, cols = _nonzero(mask)
+    return rows, cols
+
+
+def all_pairs(n: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.divmod(np.arange(n * nb), nb)
+
+
+# ----------------------------------------------------------------------------- approximate GEMM
+
+
+class NumpyGemm:
+    """A = q32 @ slice32.T on the CPU (numpy's BLAS)."""
+
+    def __init__(self, q32: np.ndarray, work: Workspace) -> None:
+        self.q32, self.work = q32, work
+
+    def candidates(self, lo, hi, sl: CorpusSlice, margin, held_kth, k):
+        approx = np.matmul(self.q32[lo:hi], sl.gemm.T, out=self.work.approx[: hi - lo, : len(sl)])
+        return candidates(approx, margin, held_kth, k, self.work.mask[: hi - lo, : len(sl)])
+
+
+class TorchGemm:
+    """A = q32 @ slice32.T in torch on `device` at full float32 precision; the candidate test
+    runs there too and only the (row, col) pairs come back."""
+
+    def __init__(self, q32: np.ndarray, device: Any) -> None:
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.q32 = torch.from_numpy(q32).to(self.device)
+
+    @contextlib.contextmanager
+    def _full_precision(self):
+        """IEEE float32 matmul (no TF32 on CUDA, no bf16 in oneDNN) while the GEMM runs, then the
+        caller's settings back; torch >= 2.9 through the per-backend fp32_precision flags."""
+        torch = self.torch
+        backends = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+        flags = [b for b in backends if b is not None and hasattr(b, "fp32_precision")]
+        if not flags:  # older torch: the global setting
+            saved = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
+            try:
+                yield
+            finally:
+                torch.set_float32_matmul_precision(saved)
+            return
+        saved = [b.fp32_precision for b in flags]
+        for b in flags:
+            b.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for b, value in zip(flags, saved, strict=True):
+                b.fp32_precision = value
+
+    def candidates(self, lo, hi, sl: CorpusSlice, margin, held_kth, k):
+        torch = self.torch
+        if sl.device_gemm is None:
+            sl.device_gemm = torch.from_numpy(sl.gemm).to(self.device)
+        with self._full_precision():
+            approx = self.q32[lo:hi] @ sl.device_gemm.T
+        n, nb = approx.shape
+        if held_kth is None and nb <= k:
+            return all_pairs(n, nb)
+        if held_kth is None:
+            kth = torch.topk(approx, k, dim=1).values[:, -1].double().cpu().numpy()
+            cut = kth - 2 * margin
+        else:
+            cut = held_kth - margin
+        cut32 = torch.from_numpy(_below32(cut)).to(self.device)
+        rows, cols = torch.nonzero(approx >= cut32[:, None], as_tuple=True)
+        return rows.cpu().numpy(), cols.cpu().numpy()
+
+
+def gemm_backend(q32: np.ndarray, device: Any, work: Workspace):
+    """numpy for None / "cpu"; torch for a torch.device or any other device name."""
+    if device is None or (isinstance(device, str) and device in ("cpu", "auto")):
+        return NumpyGemm(q32, work)
+    return TorchGemm(q32, device)
