@@ -237,15 +237,8 @@ def exact_search(
             sl = _bounded.CorpusSlice(v_in[c0 : c0 + CORPUS_ROWS], cosine, work, row + c0)
             slice_ids = ids[c0 : c0 + CORPUS_ROWS]
             for (lo, hi), top in zip(spans, tops, strict=True):
-                margin = factor * q_norms[lo:hi] * sl.vmax
-                held = top.scores is not None and top.scores.shape[1] == top.k
-                if np.max(q_norms[lo:hi]) * sl.vmax > _bounded.DENSE_NORM:
-                    rows, cols = _bounded.all_pairs(hi - lo, len(sl))  # float32 could overflow
-                else:
-                    kth = top.scores[:, -1].astype(np.float64) if held else None
-                    rows, cols = gemm.candidates(lo, hi, sl, margin, kth, top.k)
-                exact = _bounded.exact_scores(q64[lo:hi], sl, rows, cols, work).astype(out_dtype)
-                top.add_candidates(rows, exact, slice_ids[cols])
+                _fold_slice(top, sl, slice_ids, (q64[lo:hi], q_norms[lo:hi], lo, hi),
+                            (gemm, factor, work), out_dtype)  # fmt: skip
         row += len(v_in)
         if bar is not None:
             bar.update(len(v_in))
@@ -259,3 +252,21 @@ def exact_search(
         np.concatenate([r[0][:, :width] for r in results]),
         np.concatenate([r[1][:, :width] for r in results]),
     )
+
+
+def _fold_slice(top: TopK, sl: Any, slice_ids: np.ndarray, queries, engine, out_dtype) -> None:
+    """One query chunk x one corpus slice: float32 candidates within the error margin of the
+    held k-th score, rescored exactly in float64, folded into `top`."""
+    from evalkit.search import _bounded
+
+    q64, q_norms, lo, hi = queries
+    gemm, factor, work = engine
+    margin = factor * q_norms * sl.vmax
+    held = top.scores is not None and top.scores.shape[1] == top.k
+    if np.max(q_norms) * sl.vmax > _bounded.DENSE_NORM:
+        rows, cols = _bounded.all_pairs(hi - lo, len(sl))  # float32 could overflow
+    else:
+        kth = top.scores[:, -1].astype(np.float64) if held else None
+        rows, cols = gemm.candidates(lo, hi, sl, margin, kth, top.k)
+    exact = _bounded.exact_scores(q64, sl, rows, cols, work).astype(out_dtype)
+    top.add_candidates(rows, exact, slice_ids[cols])
