@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from evalkit.errors import EvalkitError
 
@@ -135,6 +133,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from evalkit._io import dumps_json
     from evalkit.embed.store import EmbeddingStore, default_cache_dir
 
     if args.action == "import":
@@ -148,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "info":
         info = store.info()
         if args.json:
-            json.dump(info, sys.stdout, indent=1)
-            print()
+            print(dumps_json(info, indent=1))  # strict: never NaN
         else:
             _print_info(info)
         return 0
@@ -158,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         report = {"directory": str(store.directory), "problems": problems, "fixed": args.fix,
                   "remaining": remaining}  # fmt: skip
-        json.dump(report, sys.stdout, indent=1)
-        print()
+        print(dumps_json(report, indent=1))
     elif problems:
         for p in problems:
             print(p)

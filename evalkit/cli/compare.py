@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         results=results_options(args)["results"], **options,
     )  # fmt: skip
     if args.json:
-        import json
+        from evalkit._io import dumps_json
 
-        print(json.dumps(report, indent=2))
+        print(dumps_json(report))  # strict: an undefined number is null, never NaN
     else:
         print(format_compare(report))
     return 0

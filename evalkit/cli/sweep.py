@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet, **options, **results_options(args),
     )  # fmt: skip
     if args.json:
-        import json
+        from evalkit._io import dumps_json
 
-        print(json.dumps(report, indent=2))
+        print(dumps_json(report))  # strict: an undefined number is null, never NaN
         return 0
     served = sum(r["from_results_store"] for r in report["rows"])
     print(f"sweep {report['task']}: {len(report['rows'])} models, best {report['best']}")

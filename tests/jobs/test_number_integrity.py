@@ -135,6 +135,37 @@ def test_every_json_writer_is_strict(tmp_path):
             assert found["x"] is None and found["y"] is None and found["z"] == 0.5, path
 
 
+def test_no_json_is_written_outside_the_strict_writer():
+    """Every json.dump/json.dumps in evalkit is either _io's strict one or feeds a hash
+    (`json.dumps(...).encode()`): a new writer with the default allow_nan=True would put NaN in
+    a file or a --json print again."""
+    import ast
+    from pathlib import Path
+
+    root = Path(_io.__file__).resolve().parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "_io.py" and path.parent == root:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        hashed = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "encode"
+        }
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(func, ast.Attribute)
+                and func.attr in ("dump", "dumps")
+                and getattr(func.value, "id", None) == "json"
+                and id(node) not in hashed
+            ):
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert offenders == [], f"use evalkit._io.dumps_json / write_json_atomic: {offenders}"
+
+
 # --------------------------------------------------------------- qrels naming absent docs
 
 
