@@ -247,7 +247,7 @@ class OutputDir:
             self.local.mkdir(parents=True, exist_ok=True)
             _atomic_write_json(self.local / name, obj)
             return
-        data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
+        data = (dumps_json(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")  # strict
         with self.fs.open_output_stream(f"{self.root}/{name}") as fh:
             fh.write(data)
 
