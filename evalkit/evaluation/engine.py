@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from evalkit.data.pairs import check_finite_labels
 from evalkit.errors import DataError, EvalkitError
 from evalkit.search.exact import exact_search
 
@@ -59,6 +58,7 @@ def pairs_pass(
     """Stream pair batches through `encoder` into the task's metric. -> (metrics, histogram, rows).
 
     `sink(scores, gold)` is called with each batch's pair scores ({name: array}) and labels."""
+    from evalkit.data.pairs import check_finite_labels  # lazily: it imports pyarrow.dataset
     from evalkit.metrics.curves import ScoreHistogram
     from evalkit.metrics.pairs import ClassificationMetrics, SimilarityMetrics, pair_scores
 
