@@ -39,7 +39,7 @@ if [ "$DRY" = 1 ]; then
     --implementation cp --platform manylinux2014_x86_64 --target "$SITE" "$CARRY"/wheels/*.whl
   ls "$SITE" | grep -q '^diskcache$' || { echo "gpu_check: wheels did not install" >&2; exit 1; }
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  exec timeout 600 "$PY" scripts/gpu_check.py --carry "$CARRY" --out "$OUT" --dry-run
+  exec timeout 1200 "$PY" scripts/gpu_check.py --carry "$CARRY" --out "$OUT" --dry-run
 fi
 PY="${PYTHON:-python3}"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/wheels/*.whl
