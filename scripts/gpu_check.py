@@ -106,7 +106,8 @@ def step_stsb(model, path: Path, device: str, limit: int | None) -> dict:
         for a, b, y in iter_pair_batches(path, left="s1", right="s2", label="score",
                                           column_names=["s1", "s2", "score"], batch_size=512):  # fmt: skip
             if left is not None:
-                a, b, y, left = a[:left], b[:left], y[:left], left - len(a)
+                n = min(left, len(a))
+                a, b, y, left = a[:n], b[:n], y[:n], left - n
             if len(a):
                 yield a, b, y
 
