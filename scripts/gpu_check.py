@@ -161,14 +161,15 @@ def step_resume(data: Path, model_dir: Path, device: str, tmp: Path, per: int) -
     args = [sys.executable, "-m", "evalkit", "encode", str(data), "--column", "text", "--out",
             str(tmp / "part"), "--model", str(model_dir), "--no-cache", "--no-progress", *common]  # fmt: skip
     job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while not list((tmp / "part").glob("embeddings-*.arrow")) and time.monotonic() < deadline:
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
     from evalkit.embed.shards import load_manifest
 
-    done = len(load_manifest(tmp / "part")["shards"])
+    listed = list((tmp / "part").glob("manifest*.json"))
+    done = len(load_manifest(tmp / "part")["shards"]) if listed else 0
     _precompute(data, tmp / "part", model_dir, common)
     return {"killed_after_shards": done, "killed": job.returncode == -signal.SIGKILL,
             "identical": _same(tmp / "full", tmp / "part")}  # fmt: skip
@@ -227,23 +228,29 @@ def main() -> int:
     model = load_model(str(model_dir), device=device).float()
     glosses = pq.read_table(carry / "data" / "glosses.parquet").column("text").to_pylist()
     t0 = time.perf_counter()
-    report["encode"] = step_encode(
-        model, glosses[: 300 if dry else 40_000], device, 1 if dry else 3
-    )
-    report["stsb"] = step_stsb(
-        model, carry / "data" / "stsb-en-test.csv", device, 100 if dry else None
-    )
     tmp = Path(tempfile.mkdtemp(prefix="evalkit-gpu-check-"))
-    per = 50 if dry else 5000
-    pq.write_table(
-        pq.read_table(carry / "data" / "glosses.parquet").slice(0, per * 4), tmp / "g.parquet"
-    )
+    per = 25 if dry else 5000
+    glosses_table = pq.read_table(carry / "data" / "glosses.parquet")
+    pq.write_table(glosses_table.slice(0, per * 4), tmp / "g.parquet")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    report["workers"] = step_workers(tmp / "g.parquet", model_dir, devices, tmp, per)
-    report["fit"] = step_fit(
-        model_dir, carry / "data" / "stsb-en-train.csv", device, 3 if dry else 30, tmp
-    )
-    report["resume"] = step_resume(tmp / "g.parquet", model_dir, device, tmp, per)
+    stsb, train = carry / "data" / "stsb-en-test.csv", carry / "data" / "stsb-en-train.csv"
+    steps = {
+        "encode": lambda: step_encode(
+            model, glosses[: 64 if dry else 40_000], device, 1 if dry else 3
+        ),
+        "stsb": lambda: step_stsb(model, stsb, device, 50 if dry else None),
+        "workers": lambda: step_workers(tmp / "g.parquet", model_dir, devices, tmp, per),
+        "fit": lambda: step_fit(model_dir, train, device, 3 if dry else 30, tmp),
+        "resume": lambda: step_resume(tmp / "g.parquet", model_dir, device, tmp, per),
+    }
+    for name, step in steps.items():
+        t = time.perf_counter()
+        report[name] = step()
+        print(
+            f"gpu_check: {name} done in {time.perf_counter() - t:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["checks"] = {
         "carry": report["carry"]["ok"], "stsb_precision": report["stsb"]["ok"],
