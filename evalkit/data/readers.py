@@ -102,13 +102,16 @@ def iter_batches_from(
     *,
     columns: Sequence[str] | None = None,
     batch_size: int = 65536,
+    text_columns: Sequence[str] | None = None,
     **source_options: Any,
 ) -> tuple[int, Iterator[pa.RecordBatch]]:
     """(first, batches): the record batches of `source` from row `first` <= `row` on, in input
-    order. Whole files before `row` are skipped when their row counts are in metadata (Parquet,
-    Arrow/Feather, ORC), and whole row groups within a Parquet file; other sources start at 0."""
+    order, read as `iter_batches` reads them (`text_columns` too). Whole files before `row` are
+    skipped when their row counts are in metadata (Parquet, Arrow/Feather, ORC), and whole row
+    groups within a Parquet file; other sources start at 0."""
     _check_batch_size(batch_size)
-    opened = open_any(source, **source_options)
+    texts = list(text_columns or [])
+    opened = open_any(source, text_columns=texts, **source_options)
     first, fragments = 0, None
     if row > 0 and isinstance(opened.dataset, ds.FileSystemDataset):
         first, fragments = _guard(opened, lambda: _fragments_from(opened.dataset, row))
@@ -117,7 +120,7 @@ def iter_batches_from(
             fragments, opened.dataset.schema, opened.dataset.format, opened.dataset.filesystem
         )
         opened = dataclasses.replace(opened, dataset=sub)
-    return first, _Scan(opened, columns, None, batch_size).batches()
+    return first, _Scan(opened, columns, None, batch_size, texts=texts).batches()
 
 
 def _fragments_from(dataset: ds.FileSystemDataset, row: int) -> tuple[int, list | None]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from evalkit._io import out_dir_problem
 from evalkit.embed.shards import (
     DEFAULT_ROWS_PER_SHARD,
     OutputDir,
@@ -33,7 +34,7 @@ from evalkit.embed.shards import (
     parse_shard,
     plan_shards,
 )
-from evalkit.errors import EvalkitError
+from evalkit.errors import DataError, EvalkitError
 
 
 class ShardJob:
@@ -62,7 +63,12 @@ class ShardJob:
     ) -> None:
         from evalkit.data import readers
         from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats
-        from evalkit.jobs.precompute import _WINDOWS_PER_SHARD, _check_args, input_fingerprint
+        from evalkit.jobs.precompute import (
+            _WINDOWS_PER_SHARD,
+            _check_args,
+            checked_input,
+            input_fingerprint,
+        )
 
         self.t_start = time.perf_counter()
         if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -75,11 +81,12 @@ class ShardJob:
         self.loc = OutputDir(out)
         if self.loc.is_file():
             raise EvalkitError(f"--out {self.loc.label} is a file; give a directory")
-        from evalkit.jobs.precompute import read_columns
-
-        columns = read_columns(column, id_column)
-        readers.iter_batches(data, columns=columns, **source_options)  # checks the columns
+        if not self.loc.remote and (problem := out_dir_problem(self.loc.local)):
+            raise EvalkitError(problem)
+        self._scan = checked_input(data, column, id_column, source_options)  # fails fast
         self.rows = readers.count_rows(data, **source_options)
+        if self.rows == 0:
+            raise DataError(f"{data} has no rows to encode")
         self.input_fp = input_fingerprint(data)
         self.plan = plan_shards(self.rows, self.shard, rows_per_shard)
         self.model, self.data, self.overwrite = model, data, overwrite
@@ -161,12 +168,7 @@ class ShardJob:
         return list(self.todo)
 
     def _batches(self) -> Any:
-        from evalkit.data import readers
-        from evalkit.jobs.precompute import read_columns
-
-        spec = self.spec
-        columns = read_columns(spec["column"], spec["id_column"])
-        return readers.iter_batches(self.data, columns=columns, **spec["source_options"])
+        return self._scan()
 
     def _verify(self, entries: list[dict]) -> list[str]:
         from evalkit.embed.shards import digest_bytes

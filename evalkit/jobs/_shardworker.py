@@ -93,6 +93,7 @@ class ShardWorker:
         return self._staging
 
     def encode(self, a: int, b: int, on_rows: Any = None) -> tuple[dict, dict]:
+        from evalkit.data.beir import text_columns
         from evalkit.data.readers import iter_batches_from
         from evalkit.embed.encoder import EncodeStats
         from evalkit.jobs.precompute import _RowReader, _write_shard, read_columns
@@ -100,9 +101,9 @@ class ShardWorker:
         spec = self.spec
         column, id_column = spec["column"], spec["id_column"]
         columns = read_columns(column, id_column)
-        first, batches = iter_batches_from(
-            spec["data"], a, columns=columns, **spec["source_options"]
-        )
+        first, batches = iter_batches_from(spec["data"], a, columns=columns,
+                                           text_columns=text_columns(column),
+                                           **spec["source_options"])  # fmt: skip
         reader = _RowReader(batches)
         reader.row = first
         reader.skip_to(a)
