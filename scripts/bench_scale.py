@@ -7,7 +7,8 @@ store per run, the machine's cores split evenly (one process: all of them; two w
 half each); the modes are interleaved, `--repeats` times, median. Each run's start-up (spawning
 the workers / actors and loading the model; for one process, loading the model) is measured by
 the job itself (`last_run.startup_s`) and reported; the overhead compares the time after
-start-up. The Ray cluster's own start is timed once and reported separately. Every output must be
+start-up. Each job is a fresh `evalkit encode` process (Ray: `--ray ADDRESS` of a local cluster
+started once on 127.0.0.1 by a holder process, whose start is timed and reported separately). Every output must be
 byte-identical to the single-process one (shard files + stable manifest).
 
 Last line: `workers_overhead=X ray_overhead=Y identical=yes|no` (X, Y: the worst model's ratio of
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+# a local Ray cluster on loopback, held by its own process until its stdin closes
+HOLDER = (
+    "import os, sys, ray; ray.init(address='local', include_dashboard=False, "
+    "_node_ip_address='127.0.0.1', num_cpus=os.cpu_count(), log_to_driver=False); "
+    "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"
+)
 GLOSSES = ROOT.parent / "shared" / "data" / "corpus-wordnet-glosses" / "wordnet30_glosses.tsv"
 
 
@@ -48,22 +56,28 @@ def write_input(rows: int, folder: Path) -> Path:
     return path
 
 
-def run_mode(mode: str, data: Path, model: str, out: Path, per_shard: int) -> dict:
-    from evalkit.jobs.precompute import run_precompute
-    from evalkit.jobs.precompute_ray import run_precompute_ray
-    from evalkit.jobs.precompute_workers import run_precompute_workers
-
-    kw = dict(column="text", out=out, model=model, cache=out.parent / f"{out.name}-store",
-              rows_per_shard=per_shard, batch_size=64, progress=False)  # fmt: skip
+def run_mode(mode: str, data: Path, model: str, out: Path, per_shard: int, address: str) -> dict:
+    """One job as a user runs it: `evalkit encode` in a fresh process (no Ray driver threads or
+    warm imports shared with the other modes); wall time measured around the process."""
+    args = [sys.executable, "-m", "evalkit", "encode", str(data), "--column", "text", "--out",
+            str(out), "--model", model, "--cache", str(out.parent / f"{out.name}-store"),
+            "--rows-per-shard", str(per_shard), "--batch-size", "64", "--device", "cpu",
+            "--no-progress", "--json"]  # fmt: skip
+    if mode == "workers":
+        args += ["--workers", "2", "--devices", "cpu"]
+    elif mode == "ray":
+        args = [a for a in args if a not in ("--device", "cpu")] + [
+            "--ray",
+            "auto",
+            "--workers",
+            "2",
+        ]
     t = time.perf_counter()
-    if mode == "single":
-        manifest = run_precompute(data, device="cpu", **kw)
-    elif mode == "workers":
-        manifest = run_precompute_workers(data, workers=2, devices="cpu", **kw)
-    else:
-        manifest = run_precompute_ray(data, workers=2, **kw)
+    done = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    startup = manifest["last_run"]["startup_s"]
+    if done.returncode:
+        raise SystemExit(f"{mode} failed: {done.stderr.strip().splitlines()[-1]}")
+    startup = json.loads(done.stdout)["last_run"]["startup_s"]
     return {"wall_s": wall, "startup_s": startup, "after_startup_s": wall - startup}
 
 
@@ -78,7 +92,7 @@ def same_output(a: Path, b: Path) -> bool:
     return all((a / s["file"]).read_bytes() == (b / s["file"]).read_bytes() for s in ma["shards"])
 
 
-def bench_model(name: str, model: str, data: Path, tmp: Path, args) -> tuple[dict, bool]:
+def bench_model(name: str, model: str, data: Path, tmp: Path, args, address) -> tuple[dict, bool]:
     modes = ["single", "workers", "ray"]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     identical = True
@@ -86,7 +100,7 @@ def bench_model(name: str, model: str, data: Path, tmp: Path, args) -> tuple[dic
         order = modes[rep % 3 :] + modes[: rep % 3]  # interleaved, rotating who goes first
         for mode in order:
             out = tmp / f"{name}-{mode}-{rep}"
-            runs[mode].append(run_mode(mode, data, model, out, args.per_shard))
+            runs[mode].append(run_mode(mode, data, model, out, args.per_shard, address))
             r = runs[mode][-1]
             print(f"  {name} {mode:8s} rep {rep}: wall {r['wall_s']:.1f} s, start-up "
                   f"{r['startup_s']:.1f} s, after start-up {r['after_startup_s']:.1f} s", flush=True)  # fmt: skip
@@ -115,8 +129,6 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    import ray
-
     from evalkit.embed.models import resolve_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -133,14 +145,15 @@ def main() -> int:
     print(f"{args.rows} unique glosses, shards of {args.per_shard}, {os.cpu_count()} cores, "
           f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)  # fmt: skip
     t = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-             num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    address = holder.stdout.readline().strip()
     ray_startup = time.perf_counter() - t
     print(f"ray cluster start-up: {ray_startup:.1f} s (not in the overheads)", flush=True)
     results, identical = {}, True
     try:
         for name, model in models.items():
-            results[name], same = bench_model(name, model, data, tmp, args)
+            results[name], same = bench_model(name, model, data, tmp, args, address)
             identical &= same
             r = results[name]
             print(f"{name}: single {r['texts_per_s_single']:.0f} texts/s after start-up; overhead "
@@ -148,7 +161,8 @@ def main() -> int:
                   f"{r['workers_overhead_with_startup']:.3f}), ray {r['ray_overhead']:.3f} (with "
                   f"start-up {r['ray_overhead_with_startup']:.3f}); identical {same}", flush=True)  # fmt: skip
     finally:
-        ray.shutdown()
+        holder.stdin.close()  # it stops the cluster it started, nothing else
+        holder.wait(timeout=120)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     workers = max(r["workers_overhead"] for r in results.values())
