@@ -45,11 +45,14 @@ def test_parse_size():
 
 def test_choose_index_follows_rows_dim_and_budget():
     assert choose_index(50_000, 384, "4G").spec == "Flat"
-    hnsw = choose_index(164_000, 384, "4G")
+    fs = choose_index(164_000, 384, "4G")  # the bench_ann figure: fast-scan PQ + exact refine
+    assert fs.spec == "IVF2048_HNSW32,PQ96x4fs,RFlat" and "budget" in fs.reason
+    assert fs.search_params == {"nprobe": 64, "quantizer_efSearch": 128, "k_factor_rf": 8}
+    hnsw = choose_index(164_000, 385, "4G")  # 385 dims do not split into 4-bit sub-quantizers
     assert (
         hnsw.spec == "HNSW32" and "fits" in hnsw.reason and hnsw.search_params == {"efSearch": 64}
     )
-    ivf = choose_index(1_000_000, 384, "1.6G")  # HNSW32 (~1.7 GiB) does not fit, raw vectors do
+    ivf = choose_index(1_000_000, 385, "1.6G")  # HNSW32 (~1.8 GiB) does not fit, raw vectors do
     assert ivf.spec == f"IVF{ivf_nlist(1_000_000)},Flat" and "HNSW32 does not fit" in ivf.reason
     assert ivf_nlist(1_000_000) == 4096  # 4*sqrt(1e6) = 4000 -> nearest power of two
     pq = choose_index(10_000_000, 768, "4G")
@@ -121,6 +124,23 @@ def test_parameter_grid(data):
     hnsw = build_index(x[:200], spec="HNSW8").index
     assert parameter_grid(hnsw, k=20)[0] == {"efSearch": 24}
     assert parameter_grid(build_index(x[:50], spec="Flat").index) == [{}]
+    fs = build_index(x, spec="IVF16_HNSW32,PQ8x4fs,RFlat").index
+    grid = parameter_grid(fs)
+    assert grid[0] == {"nprobe": 1, "quantizer_efSearch": 64, "k_factor_rf": 1}
+    assert grid[-1] == {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 1}
+
+
+def test_fast_scan_refine_index_searches_and_reloads(data, tmp_path):
+    """Guards the auto choice's index kind end to end: its settings apply, survive a save and a
+    memory-mapped reload, and at full probing its results are the exact top-k."""
+    x, _ = data
+    built = build_index(x, spec="IVF16_HNSW32,PQ8x4fs,RFlat", out=tmp_path / "fs")
+    idx = load_index(tmp_path / "fs")
+    params = {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 64}
+    _, got = idx.search(x[:20], 5, params=params)
+    _, want = build_index(x, spec="Flat").search(x[:20], 5)
+    assert (got == want).mean() > 0.99
+    assert built.meta["search_params"] == parameter_grid(built.index)[2]
 
 
 def test_auto_choice_recorded_in_sidecar(tmp_path, data):
