@@ -166,6 +166,115 @@ def warm_page_cache(*paths: Path) -> str:
     return f"page cache: read through once before timing, both warm ({sizes})"
 
 
+def build_files(args, work: Path) -> tuple[int, Path, Path, float]:
+    """Steps 1-2: the Parquet source, its Arrow file (conversion timed, RssAnon growth sampled)
+    and the stream-format copy. -> (rows, file, stream copy, conversion growth in MB)."""
+    glosses = load_glosses(args.glosses)
+    print(f"glosses: {len(glosses):,} real WordNet 3.0 glosses from {args.glosses}")
+    source = work / "pairs.parquet"
+    t0 = time.perf_counter()
+    rows = write_source(glosses, source, args.size_gb, args.seed, chunk=args.row_group)
+    print(
+        f"source: {rows:,} rows -> {source.name} ({source.stat().st_size / 1e9:.2f} GB parquet)"
+        f" in {time.perf_counter() - t0:.1f} s"
+    )
+    del glosses
+    pa.default_memory_pool().release_unused()
+    dest = work / "pairs.arrow"
+    base = rss_anon_mb()
+    t0 = time.perf_counter()
+    with PeakRss() as peak:
+        how = convert(source, dest)
+    secs = time.perf_counter() - t0
+    growth = peak.peak - base
+    print(
+        f"convert ({how}): {rows:,} rows, {dest.stat().st_size / 1e9:.2f} GB arrow file in "
+        f"{secs:.1f} s = {rows / secs:,.0f} rows/s; RssAnon {base:.0f} MB before, peak "
+        f"{peak.peak:.0f} MB (growth {growth:.0f} MB)"
+    )
+    stream = work / "pairs.stream.arrow"
+    write_stream_copy(dest, stream)
+    pa.default_memory_pool().release_unused()
+    return rows, dest, stream, growth
+
+
+def compare_readers(args, ds, ds_stream, hf, batches) -> dict[str, float]:
+    """Step 3: like-for-like random batches, evalkit vs datasets; rows/s per reader."""
+    probe = batches[0][:5]
+    assert ds_stream.__getitems__(probe) == hf.__getitems__(probe.tolist())
+    assert ds.texts_batch(probe)[0] == [hf[probe.tolist()][c] for c in ("sentence1", "sentence2")]
+    print(warm_page_cache(Path(ds_stream.path), Path(ds.path)))
+    rates = time_readers(
+        {
+            "evalkit_rows": ds_stream.__getitems__,
+            "hf_rows": lambda idx: hf.__getitems__(idx.tolist()),
+            "evalkit_columns": ds_stream.texts_batch,
+            "hf_columns": lambda idx: hf[idx.tolist()],
+            "evalkit_file_rows": ds.__getitems__,
+        },
+        batches,
+        args.runs,
+    )
+    print(
+        f"random batches of {args.batch} rows, {args.batches} batches per run, {args.runs} "
+        "interleaved runs, medians; same stream-format file, same 3 columns, same indices:"
+    )
+    print(
+        f"  list of row dicts: evalkit PairDataset.__getitems__  {rates['evalkit_rows']:>12,.0f} rows/s"
+    )
+    print(
+        f"                     datasets Dataset.__getitems__     {rates['hf_rows']:>12,.0f} rows/s"
+    )
+    print(
+        f"  column lists:      evalkit PairDataset.texts_batch   {rates['evalkit_columns']:>12,.0f} rows/s"
+    )
+    print(
+        f"                     datasets Dataset[indices]         {rates['hf_columns']:>12,.0f} rows/s"
+    )
+    print(
+        f"  (evalkit __getitems__ on the file-format copy: {rates['evalkit_file_rows']:,.0f} rows/s)"
+    )
+    return rates
+
+
+def full_pass(args, ds, rows: int, rng) -> tuple[float, float, float]:
+    """Step 4: every row once in a random order (an affine permutation i -> (a*i + c) mod n, no
+    index array). -> (RssAnon before, after, peak) in MB."""
+    n = rows
+    a = int(rng.integers(n // 3, n)) | 1
+    while np.gcd(a, n) != 1:
+        a += 2
+    c = int(rng.integers(0, n))
+    before = rss_anon_mb()
+    total0 = pa.total_allocated_bytes()
+    t0 = time.perf_counter()
+    seen = 0
+    with PeakRss() as peak:
+        step = args.batch * 16
+        for start in range(0, n, step):
+            ids = (np.arange(start, min(start + step, n), dtype=np.int64) * a + c) % n
+            for k in range(0, len(ids), args.batch):
+                seen += len(ds.__getitems__(ids[k : k + args.batch]))
+    secs = time.perf_counter() - t0
+    after = rss_anon_mb()
+    print(
+        f"full random pass (evalkit): {seen:,} rows in {secs:.1f} s = {seen / secs:,.0f} rows/s; "
+        f"RssAnon {before:.0f} MB before, {after:.0f} MB after, peak {peak.peak:.0f} MB; arrow "
+        f"allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
+    )
+    return before, after, peak.peak
+
+
+def list_baseline(args, ds, rows: int, rng) -> float:
+    """Step 5: rows/s of a Python list of dicts held in memory (a subset), timed the same way."""
+    m = min(args.list_rows, rows)
+    in_memory = [row for chunk in ds.iter_batches(range(m), batch_size=65536) for row in chunk]
+    sub = [rng.integers(0, m, args.batch) for _ in range(args.batches)]
+    rate = time_readers({"list": lambda idx: [in_memory[i] for i in idx.tolist()]}, sub, args.runs)
+    print(f"python list of {m:,} dicts in memory:                     {rate['list']:,.0f} rows/s")
+    return rate["list"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -195,35 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         print(f"workdir: {work}; {machine_line()}")
-        glosses = load_glosses(args.glosses)
-        print(f"glosses: {len(glosses):,} real WordNet 3.0 glosses from {args.glosses}")
-        source = work / "pairs.parquet"
-        t0 = time.perf_counter()
-        rows = write_source(glosses, source, args.size_gb, args.seed, chunk=args.row_group)
-        print(
-            f"source: {rows:,} rows -> {source.name} ({source.stat().st_size / 1e9:.2f} GB parquet)"
-            f" in {time.perf_counter() - t0:.1f} s"
-        )
-        del glosses
-        pa.default_memory_pool().release_unused()
-
-        dest = work / "pairs.arrow"
-        base = rss_anon_mb()
-        total0 = pa.total_allocated_bytes()
-        t0 = time.perf_counter()
-        with PeakRss() as peak:
-            how = convert(source, dest)
-        secs = time.perf_counter() - t0
-        conv_growth = peak.peak - base
-        print(
-            f"convert ({how}): {rows:,} rows, {dest.stat().st_size / 1e9:.2f} GB arrow file in "
-            f"{secs:.1f} s = {rows / secs:,.0f} rows/s; RssAnon {base:.0f} MB before, peak "
-            f"{peak.peak:.0f} MB (growth {conv_growth:.0f} MB)"
-        )
-        stream = work / "pairs.stream.arrow"
-        write_stream_copy(dest, stream)
-        pa.default_memory_pool().release_unused()
-
+        rows, dest, stream, conv_growth = build_files(args, work)
         before_open = rss_anon_mb()
         ds = PairDataset(dest, ["sentence1", "sentence2"], "score", as_dict=True)
         ds_stream = PairDataset(stream, ["sentence1", "sentence2"], "score", as_dict=True)
@@ -232,90 +313,27 @@ def main(argv: list[str] | None = None) -> int:
 
         import datasets  # after opening ours, so its import does not count as our memory
 
-        hf = datasets.Dataset.from_file(str(stream)).select_columns(
-            ["sentence1", "sentence2", "score"]
-        )
+        hf = datasets.Dataset.from_file(str(stream))
+        hf = hf.select_columns(["sentence1", "sentence2", "score"])
         assert len(hf) == rows
         rng = np.random.default_rng(args.seed + 1)
         batches = [rng.integers(0, rows, args.batch) for _ in range(args.batches)]
-        probe = batches[0][:5]
-        assert ds_stream.__getitems__(probe) == hf.__getitems__(probe.tolist())
-        assert ds.texts_batch(probe)[0] == [
-            hf[probe.tolist()][c] for c in ("sentence1", "sentence2")
-        ]
-        print(warm_page_cache(stream, dest))
-        rates = time_readers(
-            {
-                "evalkit_rows": ds_stream.__getitems__,
-                "hf_rows": lambda idx: hf.__getitems__(idx.tolist()),
-                "evalkit_columns": ds_stream.texts_batch,
-                "hf_columns": lambda idx: hf[idx.tolist()],
-                "evalkit_file_rows": ds.__getitems__,
-            },
-            batches,
-            args.runs,
+        rates = compare_readers(args, ds, ds_stream, hf, batches)
+        before, after, peak = full_pass(args, ds, rows, rng)
+        read_growth = open_growth + max(peak, after) - before
+        print(
+            f"RssAnon growth: converting {conv_growth:.0f} MB; opening {open_growth:.0f} MB + "
+            f"full random pass {read_growth - open_growth:.0f} MB = reading {read_growth:.0f} MB"
         )
+        list_rate = list_baseline(args, ds, rows, rng)
         ek_rate, hf_rate = rates["evalkit_rows"], rates["hf_rows"]
-        b = args.batch
-        print(
-            f"random batches of {b} rows, {args.batches} batches per run, {args.runs} interleaved "
-            "runs, medians; same stream-format file, same 3 columns, same indices:"
-        )
-        print(f"  list of row dicts: evalkit PairDataset.__getitems__  {ek_rate:>12,.0f} rows/s")
-        print(f"                     datasets Dataset.__getitems__     {hf_rate:>12,.0f} rows/s")
-        print(
-            f"  column lists:      evalkit PairDataset.texts_batch   {rates['evalkit_columns']:>12,.0f} rows/s"
-        )
-        print(
-            f"                     datasets Dataset[indices]         {rates['hf_columns']:>12,.0f} rows/s"
-        )
-        print(
-            f"  (evalkit __getitems__ on the file-format copy: {rates['evalkit_file_rows']:,.0f} rows/s)"
-        )
-
-        # full random pass over every row: an affine permutation i -> (a*i + c) mod n, no index array
-        n = rows
-        a = int(rng.integers(n // 3, n)) | 1
-        while np.gcd(a, n) != 1:
-            a += 2
-        c = int(rng.integers(0, n))
-        pass_before = rss_anon_mb()
-        t0 = time.perf_counter()
-        seen = 0
-        with PeakRss() as pass_peak:
-            step = args.batch * 16
-            for start in range(0, n, step):
-                ids = (np.arange(start, min(start + step, n), dtype=np.int64) * a + c) % n
-                for k in range(0, len(ids), args.batch):
-                    seen += len(ds.__getitems__(ids[k : k + args.batch]))
-        pass_secs = time.perf_counter() - t0
-        pass_after = rss_anon_mb()
-        read_growth = open_growth + max(pass_peak.peak, pass_after) - pass_before
-        print(
-            f"full random pass (evalkit): {seen:,} rows in {pass_secs:.1f} s = {seen / pass_secs:,.0f} "
-            f"rows/s; RssAnon {pass_before:.0f} MB before, {pass_after:.0f} MB after, peak "
-            f"{pass_peak.peak:.0f} MB; arrow allocated bytes grew by {pa.total_allocated_bytes() - total0:,}"
-        )
-        print(
-            f"RssAnon growth: converting {conv_growth:.0f} MB (peak minus {base:.0f} MB before); "
-            f"opening {open_growth:.0f} MB + full random pass {read_growth - open_growth:.0f} MB = "
-            f"reading {read_growth:.0f} MB"
-        )
-
-        m = min(args.list_rows, rows)
-        in_memory = [row for chunk in ds.iter_batches(range(m), batch_size=65536) for row in chunk]
-        sub = [rng.integers(0, m, args.batch) for _ in range(args.batches)]
-        list_rate = time_readers(
-            {"list": lambda idx: [in_memory[i] for i in idx.tolist()]}, sub, args.runs
-        )["list"]
-        print(f"python list of {m:,} dicts in memory:                     {list_rate:,.0f} rows/s")
         print(f"evalkit / python list: {ek_rate / list_rate:.2f}")
-        ratio = ek_rate / hf_rate
-        ok = ratio >= 1.5 and conv_growth <= 200 and read_growth <= 200
         print(
             f"columns ratio (texts_batch / Dataset[indices]): "
             f"{rates['evalkit_columns'] / rates['hf_columns']:.2f}"
         )
+        ratio = ek_rate / hf_rate
+        ok = ratio >= 1.5 and conv_growth <= 200 and read_growth <= 200
         print(f"must-show: ratio >= 1.5 and RssAnon growth <= 200 MB: {'PASS' if ok else 'FAIL'}")
         print(f"ratio_vs_hf_datasets={ratio:.2f}")
         return 0 if ok else 1
