@@ -14,7 +14,8 @@ Steps:
    corpus (which holds the SciFact abstracts' sentences). Exact top-k ground truth for all three
    with evalkit.search.exact.exact_search (ties by position);
 4) indexes: the auto choice (evalkit.search.plan.choose_index under --memory-budget) with its
-   default search setting, and candidates (HNSW32, IVF-Flat, fast-scan PQ + refine): build
+   default search setting (tuned by build_index on 1,000 sampled corpus rows, evalkit.search.tune:
+   neither split is used), and candidates (HNSW32, IVF-Flat, fast-scan PQ + refine): build
    time, peak RssAnon during the build, size on disk; on VALIDATION, each sweep setting's
    recall@k and QPS, and per index the fastest setting with recall@k >= 0.95;
 5) timing, the same for every index: all queries in one batch on all threads, --runs (>= 5)
@@ -238,7 +239,8 @@ def run(args, emb: np.ndarray, real_queries: np.ndarray, machine: str) -> int:
             best = choose_on_validation(flat, name, index, splits["validation"], args.runs, k)
             if best is not None:
                 chosen.append((f"{name} (validation-chosen)", index, best["params"]))
-        auto_default = ("auto (its default setting)", indexes["auto"], auto.search_params)
+        auto_params = indexes["auto"].meta["search_params"]  # tuned at build time on the corpus
+        auto_default = ("auto (its default setting)", indexes["auto"], auto_params)
         report = {}
         for split in ("test", "real"):
             rows = compare(flat, [auto_default, *chosen], splits[split], args.runs)

@@ -177,3 +177,42 @@ def test_bad_inputs(tmp_path, data):
     (tmp_path / "i" / "index.faiss").write_bytes(b"this is not a faiss index")
     with pytest.raises(DataError, match="corrupt"):
         load_index(tmp_path / "i")
+
+
+def test_auto_choice_tunes_its_default_setting_on_the_data(data, monkeypatch):
+    """Guards the auto choice's promise: its default search setting is the cheapest of its
+    grid whose recall@10 on sampled rows (their own row excluded) reaches the target, measured
+    against exact search, and recorded in the sidecar."""
+    import evalkit.search.plan as plan
+    from evalkit.search.tune import tune_params
+
+    x = np.ascontiguousarray(data[0][:, :15])  # 15 dims: HNSW32 (no 4-bit sub-quantizers)
+    monkeypatch.setattr(plan, "FLAT_MAX_ROWS", 100)  # an ANN index for 3,000 rows
+    built = build_index(x, spec=None, memory_budget="4G")
+    assert built.spec == "HNSW32"
+    tuned = built.meta["tuned"]
+    assert tuned is not None and built.meta["auto"]
+    assert built.meta["search_params"] == tuned["chosen"]["params"]
+    recalls = [r["recall@10"] for r in tuned["sweep"]]
+    assert recalls[-1] >= tuned["target"] and all(r < tuned["target"] for r in recalls[:-1])
+    # the same measurement by hand for the chosen setting: each sampled row's own hit removed
+    from evalkit.search.ann import recall_at_k
+    from evalkit.search.exact import exact_search
+
+    rows = np.sort(np.random.default_rng(0).choice(len(x), 1000, replace=False))
+    gs, gp = exact_search(x[rows], [(np.arange(len(x)), x)], 11)
+    _, ap = built.search(x[rows], 11, params=built.meta["search_params"])
+
+    def without_own(scores, pos):
+        keep = [[j for j in range(pos.shape[1]) if pos[i, j] != r][:10] for i, r in enumerate(rows)]
+        return (
+            np.array([scores[i, c] for i, c in enumerate(keep)]),
+            np.array([pos[i, c] for i, c in enumerate(keep)]),
+        )
+
+    gs_, gp_ = without_own(gs, gp)
+    _, ap_ = without_own(np.zeros(ap.shape), ap)
+    assert recall_at_k(ap_, gp_, gs_, 10)[0].mean() == pytest.approx(tuned["chosen"]["recall@10"])
+    params, again = tune_params(built, lambda: iter([(np.arange(len(x)), x)]), len(x))
+    assert params == built.meta["search_params"] and again["chosen"] == tuned["chosen"]
+    assert build_index(x, spec=None, tune=False).meta["tuned"] is None
