@@ -1,27 +1,33 @@
 #!/usr/bin/env python
 """Benchmark: evalkit's streaming encoder + embedding store vs plain SentenceTransformer.encode.
 
-On N real texts (WordNet glosses), the packaged all-MiniLM-L6-v2 on CPU, one batch size:
+Real texts (WordNet glosses), the packaged all-MiniLM-L6-v2 on CPU, one batch size for all:
 
-1. plain  = model.encode(texts, batch_size=B)
-2. cold   = evalkit.encode_texts(texts, model, store=<empty store>, batch_size=B)
-3. warm   = the same call again: every text is served from the store (every row's checksum
-   verified)
-
+1. cold, unique texts: the first --n distinct glosses (no duplicate anywhere, so within-window
+   de-duplication cannot help), cut into --runs parts (>= 5); run r times `model.encode(part_r)`
+   (plain) and `evalkit.encode_texts(part_r, store=<a new empty store>)` (cold) back to back, the
+   order alternating every run; cold_ratio = median over runs of plain_r / cold_r (1.0 = no
+   overhead);
+2. de-duplication's gain, reported apart: the same on the first --dupes-n glosses as they come
+   (WordNet repeats some glosses): dedupe_gain = its median ratio / the unique-text ratio;
+3. a half-filled store: each part's store is first given a random half of the part (untimed);
+   evalkit then encodes the whole part against it (reading the half it has, encoding the rest)
+   and plain encodes only the missing half: half_ratio = median of plain_r / evalkit_r; it
+   prices the lookups and the mixed windows, not the texts already stored;
+4. warm: every part again through its store (all hits, every row's checksum verified):
+   warm_speedup = plain / warm time.
 Raw store read throughput is measured fairly (1M-entry store, cold processes, unseen keys) by
 `scripts/bench_store.py`, not here.
 
-To be fair on a shared machine, the texts are split into --rounds parts and plain/cold alternate
-(ABBA order), each cold part with its own empty store. Ratios: cold_ratio = plain / cold time
-(1.0 = no overhead), warm_speedup = plain / warm time. The last line is machine-readable:
-
-    cold_ratio=X warm_speedup=Y
+The last line is `cold_ratio=X half_filled_ratio=Y dedupe_gain=Z warm_speedup=W`; exit 1 when
+cold_ratio < 1.0 or half_filled_ratio < 0.98.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import tempfile
 import time
@@ -29,100 +35,134 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+ROOT = HERE.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "corpus-wordnet-glosses" / "wordnet30_glosses.tsv"
 
 
-def read_glosses(path: Path, n: int) -> list[str]:
-    texts = []
+def read_glosses(path: Path, n: int, *, unique: bool) -> list[str]:
+    """The first n glosses in file order; with `unique`, the first n distinct ones."""
+    texts, seen = [], set()
     with open(path, encoding="utf-8") as fh:
         next(fh)
         for line in fh:
-            texts.append(line.rstrip("\n").split("\t")[3])
+            text = line.rstrip("\n").split("\t")[3]
+            if unique:
+                if text in seen:
+                    continue
+                seen.add(text)
+            texts.append(text)
             if len(texts) == n:
-                break
-    if len(texts) < n:
-        sys.exit(f"{path} has only {len(texts)} texts; asked for {n}")
-    return texts
+                return texts
+    sys.exit(f"{path} has only {len(texts)} {'distinct ' if unique else ''}texts; asked for {n}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--n", type=int, default=20_000, help="number of texts (default: %(default)s)"
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    parser.add_argument(
-        "--rounds", type=int, default=4, help="plain/cold alternations (default: %(default)s)"
-    )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WordNet glosses TSV")
-    parser.add_argument("--model", default=None, help="model directory (default: packaged MiniLM)")
-    args = parser.parse_args()
+def parts_of(texts: list[str], runs: int) -> list[list[str]]:
+    return [texts[i * len(texts) // runs : (i + 1) * len(texts) // runs] for i in range(runs)]
 
+
+def paired_ratios(parts, model, batch_size: int, tmp: Path, tag: str, prefill: bool = False):
+    """Per part: (plain seconds, evalkit seconds, evalkit's store); the order alternates."""
     import numpy as np
 
     from evalkit.embed.encoder import encode_texts
-    from evalkit.embed.fingerprint import model_fingerprint
-    from evalkit.embed.models import load_model
     from evalkit.embed.store import EmbeddingStore
 
-    texts = read_glosses(args.data, args.n)
-    model = load_model(args.model, device="cpu")
-    import torch
-
-    print(f"texts={len(texts)} batch_size={args.batch_size} torch_threads={torch.get_num_threads()} "
-          f"load_avg={os.getloadavg()[0]:.1f}")  # fmt: skip
-
-    t0 = time.perf_counter()
-    fp = model_fingerprint(model)
-    t_fp = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model_fingerprint(model)
-    t_fp_cached = time.perf_counter() - t0
-    print(f"fingerprint: {t_fp:.3f} s first call, {t_fp_cached * 1000:.1f} ms cached ({fp})")
-
-    model.encode(texts[:64], batch_size=args.batch_size)  # warm up kernels
-    tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
-    parts = [
-        texts[i * len(texts) // args.rounds : (i + 1) * len(texts) // args.rounds]
-        for i in range(args.rounds)
-    ]
-    stores = [EmbeddingStore(tmp / f"store{i}") for i in range(args.rounds)]
-    plain_s = cold_s = 0.0
-    max_diff = 0.0
+    out = []
     for r, part in enumerate(parts):
-        order = ("plain", "cold") if r % 2 == 0 else ("cold", "plain")
-        for kind in order:
+        store = EmbeddingStore(tmp / f"{tag}{r}")
+        plain_texts = part
+        if prefill:  # a random half already stored; plain encodes only the other half
+            pick = set(random.Random(r).sample(range(len(part)), len(part) // 2))
+            encode_texts([part[i] for i in sorted(pick)], model, store=store, batch_size=batch_size)
+            plain_texts = [t for i, t in enumerate(part) if i not in pick]
+        secs = {}
+        for kind in ("plain", "evalkit") if r % 2 == 0 else ("evalkit", "plain"):
             t0 = time.perf_counter()
             if kind == "plain":
-                ref = model.encode(part, batch_size=args.batch_size)
-                plain_s += (dt := time.perf_counter() - t0)
+                ref = model.encode(plain_texts, batch_size=batch_size)
             else:
-                res = encode_texts(part, model, store=stores[r], batch_size=args.batch_size)
-                cold_s += (dt := time.perf_counter() - t0)
-            print(
-                f"round {r} {kind:5s}: {len(part)} texts in {dt:.1f} s ({len(part) / dt:.0f}/s)",
-                flush=True,
-            )
-        max_diff = max(max_diff, float(np.abs(res.embeddings - ref).max()))
+                res = encode_texts(part, model, store=store, batch_size=batch_size)
+            secs[kind] = time.perf_counter() - t0
+        if not prefill:  # evalkit must serve what plain computes
+            diff = float(np.abs(res.embeddings - ref).max())
+            assert diff < 1e-4, f"evalkit and plain vectors differ by {diff}"
+        out.append((secs["plain"], secs["evalkit"], store))
+        print(
+            f"  {tag} run {r}: plain {len(plain_texts)} texts {secs['plain']:.1f} s, evalkit "
+            f"{len(part)} texts ({res.misses} encoded) {secs['evalkit']:.1f} s: "
+            f"{secs['plain'] / secs['evalkit']:.3f}",
+            flush=True,
+        )
+    return out
 
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=20_000, help="distinct texts, cold and warm")
+    parser.add_argument("--dupes-n", type=int, default=10_000, help="texts as they come (dedupe)")
+    parser.add_argument("--half-n", type=int, default=10_000, help="texts, half-filled store")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5, help="parts = paired timed runs (>= 5)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WordNet glosses TSV")
+    parser.add_argument("--model", default=None, help="model directory (default: packaged MiniLM)")
+    args = parser.parse_args()
+    if args.runs < 5:
+        parser.error("--runs must be >= 5")
+
+    import numpy as np
+    import torch
+    from _bench_common import machine_line
+
+    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.models import load_model
+
+    unique = read_glosses(args.data, args.n, unique=True)
+    as_they_come = read_glosses(args.data, args.dupes_n, unique=False)
+    n_dupes = len(as_they_come) - len(set(as_they_come))
+    model = load_model(args.model, device="cpu")
+    print(f"batch_size={args.batch_size} torch_threads={torch.get_num_threads()} {machine_line()}")
+    model.encode(unique[:64], batch_size=args.batch_size)  # warm up kernels
+    encode_texts(unique[:64], model, batch_size=args.batch_size)  # and evalkit's first call
+    tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
+
+    parts = parts_of(unique, args.runs)
+    cold = paired_ratios(parts, model, args.batch_size, tmp, "cold")
+    cold_ratio = float(np.median([p / e for p, e, _ in cold]))
+    dupes = paired_ratios(parts_of(as_they_come, args.runs), model, args.batch_size, tmp, "dupes")
+    dupes_ratio = float(np.median([p / e for p, e, _ in dupes]))
+    half_texts = unique[: args.half_n]
+    half = paired_ratios(
+        parts_of(half_texts, args.runs), model, args.batch_size, tmp, "half", prefill=True
+    )
+    half_ratio = float(np.median([p / e for p, e, _ in half]))
+
+    stores = [s for _, _, s in cold]
     t0 = time.perf_counter()
-    hits = 0
-    for r, part in enumerate(parts):
-        hits += encode_texts(part, model, store=stores[r], batch_size=args.batch_size).hits
+    hits = sum(
+        encode_texts(part, model, store=stores[r], batch_size=args.batch_size).hits
+        for r, part in enumerate(parts)
+    )
     warm_s = time.perf_counter() - t0
-    print(f"warm : {len(texts)} texts in {warm_s:.2f} s ({len(texts) / warm_s:.0f}/s), {hits} hits")
-
+    plain_s = sum(p for p, _, _ in cold)
+    print(f"cold, {len(unique):,} distinct texts: median plain/evalkit {cold_ratio:.3f}")
     print(
-        f"plain={plain_s:.1f}s cold={cold_s:.1f}s warm={warm_s:.2f}s max|evalkit-plain|={max_diff:.2e}"
+        f"as they come, {len(as_they_come):,} texts ({n_dupes} duplicates): median "
+        f"{dupes_ratio:.3f}; de-duplication's gain {dupes_ratio / cold_ratio:.3f}x"
     )
+    print(f"half-filled store, {len(half_texts):,} texts: median {half_ratio:.3f}")
+    print(f"warm: {len(unique)} texts in {warm_s:.2f} s ({hits} hits); plain took {plain_s:.1f} s")
+    ok = cold_ratio >= 1.0 and half_ratio >= 0.98
+    print(f"targets: cold_ratio >= 1.0 and half_filled_ratio >= 0.98: {'PASS' if ok else 'FAIL'}")
     print(
-        f"store: {stores[0].info()['bytes'] / max(1, stores[0].count()):.0f} bytes/vector on disk"
+        f"cold_ratio={cold_ratio:.3f} half_filled_ratio={half_ratio:.3f} "
+        f"dedupe_gain={dupes_ratio / cold_ratio:.3f} warm_speedup={plain_s / warm_s:.1f}"
     )
-    print(f"cold_ratio={plain_s / cold_s:.3f} warm_speedup={plain_s / warm_s:.1f}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

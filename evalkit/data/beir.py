@@ -1,14 +1,20 @@
 """Loaders for the BEIR retrieval layout: corpus.jsonl, queries.jsonl and a qrels TSV.
 
 Algorithm:
-1) `iter_corpus` reads corpus.jsonl line by line and yields (ids, texts) batches, so a corpus of
+1) `iter_corpus` reads corpus.jsonl with pyarrow's streaming JSON reader (C++, ~10x Python's
+   json), falling back to the line-by-line reader below (which names the file and line of any
+   fault) for whatever pyarrow cannot vouch for, and yields (ids, texts) batches, so a corpus of
    any size streams in bounded memory; each document's text is `(title + " " + text).strip()`,
    exactly as BEIR's SentenceBERT wrapper and MTEB build it for sentence-transformers models.
    Other formats `evalkit convert` reads (Parquet, CSV, Arrow, ...) with `_id`/`title`/`text`
    columns stream through `evalkit.data.readers.iter_batches`.
 2) `corpus_ids` makes a first, cheap pass that keeps only the ids (as one Arrow string array),
    rejects duplicates and gives every id its rank in byte order, so ties can be broken by id
-   exactly as sentence-transformers (ascending) and trec_eval (descending) do.
+   exactly as sentence-transformers (ascending) and trec_eval (descending) do;
+   `count_corpus` makes the same pass when only the count, the duplicate check and membership
+   are needed, keeping 8 bytes per document: a 64-bit hash of each id, sorted; equal hashes
+   send the ids that carry them through a second pass, compared as strings, so a collision is
+   never taken for a duplicate.
 3) `load_queries` reads queries.jsonl into (ids, texts); queries are few, they fit in memory.
 4) `load_qrels` reads the BEIR TSV (`query-id corpus-id score`, header line) or a TREC qrels file
    (`qid 0 docid rel`, no header) into {query_id: {corpus_id: grade}}.
@@ -27,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from evalkit.data._arrow_json import _arrow_jsonl, _Fallback
 from evalkit.errors import DataError
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
@@ -159,22 +166,53 @@ def iter_corpus(
     if "://" not in path:
         _check_file(path, "corpus")
     if _is_jsonl(path):
+        yield from _iter_corpus_jsonl(path, batch_size)
+        return
+    yield from _iter_corpus_arrow(path, batch_size=batch_size, **source_options)
+
+
+def _iter_corpus_jsonl(path: str, batch_size: int) -> Iterator[tuple[list[str], list[str]]]:
+    """corpus.jsonl batches: pyarrow's JSON reader while it can vouch for every document (string
+    ids, string texts and titles, valid JSON and UTF-8), else, from the start, the line-by-line
+    reader, which raises the precise error; documents already yielded are skipped, not repeated."""
+    done = 0
+    try:
         ids: list[str] = []
         texts: list[str] = []
-        for lineno, obj in _iter_jsonl(path, "corpus"):
-            if obj.get("text", "") is None:
-                raise DataError(f"{path}:{lineno}: document {obj.get('_id')!r} has null 'text'")
-            text = _text_field(obj, "text", path, lineno)
-            title = _text_field(obj, "title", path, lineno, required=False)
-            ids.append(_doc_id(obj, path, lineno))
-            texts.append(document_text(title, text))
-            if len(ids) >= batch_size:
-                yield ids, texts
-                ids, texts = [], []
+        for batch in _arrow_jsonl(path, ["_id", "title", "text"]):
+            data = batch.to_pydict()  # strict UTF-8: an invalid byte raises UnicodeDecodeError
+            if None in data["_id"] or "" in data["_id"] or None in data["text"]:
+                raise _Fallback
+            ids.extend(data["_id"])
+            texts.extend(
+                document_text(t, x) for t, x in zip(data["title"], data["text"], strict=True)
+            )
+            while len(ids) >= batch_size:
+                yield ids[:batch_size], texts[:batch_size]
+                done += batch_size
+                ids, texts = ids[batch_size:], texts[batch_size:]
         if ids:
             yield ids, texts
         return
-    yield from _iter_corpus_arrow(path, batch_size=batch_size, **source_options)
+    except (_Fallback, UnicodeDecodeError):
+        pass
+    ids, texts, row = [], [], 0
+    for lineno, obj in _iter_jsonl(path, "corpus"):
+        if obj.get("text", "") is None:
+            raise DataError(f"{path}:{lineno}: document {obj.get('_id')!r} has null 'text'")
+        text = _text_field(obj, "text", path, lineno)
+        title = _text_field(obj, "title", path, lineno, required=False)
+        doc_id = _doc_id(obj, path, lineno)
+        row += 1
+        if row <= done:
+            continue
+        ids.append(doc_id)
+        texts.append(document_text(title, text))
+        if len(ids) >= batch_size:
+            yield ids, texts
+            ids, texts = [], []
+    if ids:
+        yield ids, texts
 
 
 def _iter_corpus_arrow(
@@ -240,9 +278,10 @@ def corpus_ids(path: str | os.PathLike, **source_options: Any):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    chunks = []
-    for ids, _ in _iter_ids(path, **source_options):
-        chunks.append(pa.array(ids, type=pa.large_string()))
+    def collect(batches):
+        return [pa.array(ids, type=pa.large_string()) for ids, _ in batches]
+
+    chunks = _over_ids(path, collect, **source_options)
     array = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.large_string())
     if len(array):
         order = pc.sort_indices(array)
@@ -254,10 +293,85 @@ def corpus_ids(path: str | os.PathLike, **source_options: Any):
     return array
 
 
-def _iter_ids(path: str | os.PathLike, **source_options: Any) -> Iterator[tuple[list[str], None]]:
+class CorpusIdSet:
+    """What `count_corpus` keeps of the ids: their number and sorted 64-bit hashes (8 bytes per
+    document). `present(ids)` tests membership by hash: a missing id whose hash collides with a
+    corpus id's (~n / 2^64) reads as present; it feeds a warning, never a metric."""
+
+    def __init__(self, hashes: Any) -> None:
+        self.hashes = hashes
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def present(self, ids: list[str]) -> Any:
+        import numpy as np
+
+        h = np.array([hash(i) for i in ids], dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
+        return (self.hashes[at] == h) if len(self.hashes) else np.zeros(len(ids), bool)
+
+
+def count_corpus(path: str | os.PathLike, **source_options: Any) -> CorpusIdSet:
+    """The corpus ids' count (len) and membership, after checking they are unique (DataError
+    names a duplicate), in ~8 bytes per document (step 2 of the module docstring)."""
+    from array import array
+
+    import numpy as np
+
+    def hash_all(batches):
+        hashes = array("q")
+        for ids, _ in batches:
+            hashes.extend(hash(i) for i in ids)
+        return hashes
+
+    hashes = _over_ids(path, hash_all, **source_options)
+    keys = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
+    keys.sort()  # in place, in the array's own buffer
+    clash = np.unique(keys[1:][keys[1:] == keys[:-1]])
+    if len(clash):  # equal hashes: compare the ids that carry them as strings
+        wanted = set(clash.tolist())
+
+        def check(batches):
+            seen = set()
+            for ids, _ in batches:
+                for i in ids:
+                    if hash(i) in wanted:
+                        if i in seen:
+                            raise DataError(
+                                f"corpus {os.fspath(path)}: document id {i!r} occurs more than once"
+                            )
+                        seen.add(i)
+
+        _over_ids(path, check, **source_options)
+    return CorpusIdSet(keys)
+
+
+def _over_ids(path: str | os.PathLike, consume, **source_options: Any):
+    """consume(batches of ids) -> result, over pyarrow's reader, or over the line-by-line one
+    (from the start, with fresh state) when pyarrow gives up part way."""
+    try:
+        return consume(_iter_ids(path, fast=True, **source_options))
+    except _Fallback:
+        return consume(_iter_ids(path, fast=False, **source_options))
+
+
+def _iter_ids(
+    path: str | os.PathLike, *, fast: bool = True, **source_options: Any
+) -> Iterator[tuple[list[str], None]]:
     path = os.fspath(path)
     if _is_jsonl(path):
         _check_file(path, "corpus")
+        if fast:  # may raise _Fallback part way: callers start again with fast=False
+            for batch in _arrow_jsonl(path, ["_id"]):
+                try:
+                    ids = batch.column(0).to_pylist()
+                except UnicodeDecodeError:
+                    raise _Fallback from None
+                if None in ids or "" in ids:
+                    raise _Fallback
+                yield ids, None
+            return
         ids: list[str] = []
         for lineno, obj in _iter_jsonl(path, "corpus"):
             ids.append(_doc_id(obj, path, lineno))

@@ -301,12 +301,17 @@ def warn_missing_documents(
     relevant = sorted({str(d) for docs in qrels.values() for d, g in docs.items() if g > 0})
     if not relevant:
         return 0
-    known = (
-        corpus_ids if isinstance(corpus_ids, pa.Array) else pa.array(list(corpus_ids), pa.string())
-    )
-    present = pc.is_in(pa.array(relevant, known.type), value_set=known).to_numpy(
-        zero_copy_only=False
-    )
+    if hasattr(corpus_ids, "present"):  # beir.count_corpus's hashed id set
+        present = corpus_ids.present(relevant)
+    else:
+        known = (
+            corpus_ids
+            if isinstance(corpus_ids, pa.Array)
+            else pa.array(list(corpus_ids), pa.string())
+        )
+        present = pc.is_in(pa.array(relevant, known.type), value_set=known).to_numpy(
+            zero_copy_only=False
+        )
     missing = [d for d, ok in zip(relevant, present, strict=True) if not ok]
     if missing:
         gone = set(missing)

@@ -273,7 +273,7 @@ class _RetrievalEvaluator(_Reporting):
             _check_strings(corpus, "corpus")
             doc_ids = [str(d) for d in corpus]
         else:
-            doc_ids = beir.corpus_ids(corpus, **source_options)  # checks ids once
+            doc_ids = beir.count_corpus(corpus, **source_options)  # checks ids once, 8 B each
             beir.check_corpus(corpus, **source_options)  # and the first document, now
         self.n_docs = len(doc_ids)
         if self.n_docs == 0:

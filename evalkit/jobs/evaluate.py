@@ -117,7 +117,7 @@ def evaluate_retrieval(
     dialect="sentence-transformers" gives InformationRetrievalEvaluator's numbers; "trec_eval"
     pytrec_eval's (as BEIR and MTEB report them). Metrics: accuracy/precision/recall/MRR/nDCG/MAP
     at every k in `k_values`, keyed like `cosine_ndcg@10`. Memory: O(queries x max k + corpus_block
-    x dim + ~20 bytes per corpus id). `index`: search with a FAISS index instead
+    x dim + 8 bytes per corpus id). `index`: search with a FAISS index instead
     (evalkit.search.ann.ann_search): a factory string, "auto", a built index folder or an
     EmbeddingIndex (such results are not kept in the results store). `ignore_identical_ids` drops
     a result whose id equals the query id (BEIR/MTEB option). `corpus_embeddings`: a checked

@@ -208,7 +208,7 @@ class RetrievalTask:
         self.query_ids, self.query_texts = judged_queries(
             judged, all_ids, all_texts, where=str(self.queries)
         )
-        doc_ids = beir.corpus_ids(self.corpus, **self.source_options)
+        doc_ids = beir.count_corpus(self.corpus, **self.source_options)  # 8 bytes per document
         self.n_docs = len(doc_ids)
         if self.n_docs == 0:
             raise DataError(f"corpus {self.corpus} has no documents")

@@ -2,20 +2,24 @@
 
 The engine behind `evalkit.search.exact.exact_search`:
 1) `prepare_queries`: float64 queries (normalised for cosine), their norms and a float32 copy;
-2) `CorpusSlice`: one corpus slice's float64 row norms (cosine: 1 / max(norm, 1e-12) as torch
-   clamps), the float32 normalised rows for the GEMM and the largest row norm after
-   normalisation; a NaN or infinite value is refused (it would rank as garbage);
+2) `CorpusSlice`: one corpus slice's float32 rows for the GEMM, normalised (cosine) with float32
+   norms, and an upper bound of the rows' norms; a NaN or infinite value is refused (it would
+   rank as garbage), rows whose float32 norm overflows are normalised in float64;
 3) `margin`: M = C(d) * |q| * max|v| bounds |A - S| for every pair, where A is the float32 GEMM
-   score and S the exact score rounded to float32: C(d) = 1.01 (gamma_d + 8u) + 1e-12, u = 2^-24,
-   gamma_d = d u / (1 - d u) (any summation order, with or without FMA), 8u covering the float32
-   rounding of both operands, of the normaliser and of S;
+   score and S the exact score rounded to float32: C(d) = 1.01 (1.5 gamma_d + 12u) + 1e-12,
+   u = 2^-24, gamma_d = d u / (1 - d u) (any summation order, with or without FMA; half of it
+   again for rows normalised with float32 norms), 12u covering the float32 rounding of both
+   operands, of the normaliser and of S;
 4) `candidates`: the pairs whose A reaches the cut (the row's k-th exact score held so far - M,
    or the slice's k-th largest A - 2M while fewer than k are held), found by scanning the mask
    a machine word at a time; the k-th largest A is bounded from below by the k-th largest of
-   >= 8k column-group maxima (cheap, and nearly as tight as a full partition);
-5) `exact_scores`: S = einsum(q64_i, v64_j) (* 1/|v_j|) in float64 over the explicit float64 rows,
-   128 pairs at a time: numpy reduces each row's products in one fixed order, so a pair's score
-   does not depend on which other pairs share its call.
+   >= 8k column-group maxima (cheap, and nearly as tight as a full partition); `prune` then
+   drops those whose A + M is below the k-th largest of (held exact scores, candidates' A - M):
+   pushed out by others of their own slice, they need no exact score;
+5) `exact_scores`: S = einsum("ij,j->i") of the document's float64 row and its query, times
+   (cosine) 1 / max(|v_j|, 1e-12) with |v_j| = sqrt(einsum("ij,ij->i")) of the same row:
+   numpy reduces each output's products in one fixed order, so a pair's score does not depend
+   on which other pairs share its call.
 The approximate GEMM runs in numpy, or in torch on a torch device (TF32 and reduced-precision
 matmul switched off while it runs, so the float32 bound holds); candidates and rescoring are the
 same numpy code on both, so both give the same answer.
@@ -31,15 +35,17 @@ import numpy as np
 from evalkit.errors import DataError
 
 U32 = 2.0**-24  # unit roundoff of float32
-RESCORE_PAIRS = 128  # pairs rescored per einsum call: rows stay in cache
+RESCORE_PAIRS = 1024  # pairs gathered at a time for rescoring (3 MiB of float64 rows)
 DENSE_NORM = 1e30  # |q| |v| above this could overflow float32: score every pair exactly
 NORM_ROWS = 1024  # rows whose float64 norms are computed together
 
 
 def margin_factor(dim: int) -> float:
-    """C(d): |A - S| <= C(d) |q| |v| for a float32 GEMM score A and the exact score S."""
+    """C(d): |A - S| <= C(d) |q| |v| for a float32 GEMM score A and the exact score S: the dot
+    product's gamma_d, plus gamma_d / 2 for normalising with float32 norms, plus the roundings
+    of both operands, the normaliser and S."""
     gamma = dim * U32 / (1.0 - dim * U32)
-    return 1.01 * (gamma + 8 * U32) + 1e-12
+    return 1.01 * (1.5 * gamma + 12 * U32) + 1e-12
 
 
 def row_norms(x: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
@@ -86,26 +92,32 @@ class Workspace:
         self.approx = np.empty((query_rows, corpus_rows), dtype=np.float32)
         self.mask = np.empty((query_rows, corpus_rows), dtype=bool)
         self.gemm = np.empty((corpus_rows, dim), dtype=np.float32)
-        self.q = np.empty((RESCORE_PAIRS, dim), dtype=np.float64)
         self.v = np.empty((RESCORE_PAIRS, dim), dtype=np.float64)
+        self.v32 = np.empty((RESCORE_PAIRS, dim), dtype=np.float32)
 
 
 class CorpusSlice:
-    """One corpus slice: raw rows (for rescoring), the float32 GEMM operand, 1/|v| (cosine)."""
+    """One corpus slice: raw rows (for rescoring) and the float32 GEMM operand (normalised with
+    float32 norms for cosine: their error is in the margin), `vmax` >= every row's true norm
+    after normalisation."""
 
     def __init__(self, v: np.ndarray, cosine: bool, work: Workspace, first_row: int = 0) -> None:
-        self.v = v
-        norms = row_norms(v, work.norm)
-        _finite(norms, "corpus block", first_row)
+        self.v, self.cosine = v, cosine
         gemm = work.gemm[: len(v)]
         gemm[...] = v
+        norms = np.sqrt(np.einsum("ij,ij->i", gemm, gemm).astype(np.float64))
+        if not np.isfinite(norms).all() or norms.max(initial=0.0) > 1e18:
+            norms = row_norms(v, work.norm)  # float32 overflowed (or NaN): exact norms decide
+            _finite(norms, "corpus block", first_row)
+            if cosine:
+                gemm[...] = np.asarray(v, dtype=np.float64) / np.maximum(norms, 1e-12)[:, None]
+        elif cosine:
+            gemm *= (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)[:, None]
+        slack = 1.0 + 2 * margin_factor(v.shape[1])  # the float32 norms' own error
         if cosine:
-            self.inv = 1.0 / np.maximum(norms, 1e-12)
-            self.vmax = float(np.max(norms * self.inv, initial=0.0))
-            gemm *= self.inv.astype(np.float32)[:, None]
+            self.vmax = float(np.max(norms / np.maximum(norms, 1e-12), initial=0.0)) * slack
         else:
-            self.inv = None
-            self.vmax = float(np.max(norms, initial=0.0))
+            self.vmax = float(norms.max(initial=0.0)) * slack
         self.gemm = gemm
         self.device_gemm: Any = None  # the operand on a torch device, made once per slice
 
@@ -114,16 +126,32 @@ class CorpusSlice:
 
 
 def exact_scores(q64, sl: CorpusSlice, rows: np.ndarray, cols: np.ndarray, work: Workspace):
-    """float64 exact scores of the (query row, slice column) pairs."""
+    """float64 exact scores of the (query row, slice column) pairs, `rows` ascending.
+
+    Every pair is one output of einsum("ij,j->i"): the document's float64 row against its query
+    (contiguous, one kernel, one summation order, whatever else is scored in the same call).
+    Pairs go RESCORE_PAIRS at a time, gathered into reused float64 scratch, one call per run of
+    pairs sharing a query."""
     out = np.empty(len(rows), dtype=np.float64)
-    for s in range(0, len(rows), RESCORE_PAIRS):
-        r, c = rows[s : s + RESCORE_PAIRS], cols[s : s + RESCORE_PAIRS]
-        qb, vb = work.q[: len(r)], work.v[: len(r)]
-        np.take(q64, r, axis=0, out=qb)
-        vb[...] = sl.v[c]
-        np.einsum("ij,ij->i", qb, vb, out=out[s : s + len(r)])
-    if sl.inv is not None:
-        out *= sl.inv[cols]
+    buf = work.v
+    for s in range(0, len(rows), len(buf)):
+        e = min(len(rows), s + len(buf))
+        block = buf[: e - s]
+        if sl.v.dtype == np.float64:
+            np.take(sl.v, cols[s:e], axis=0, out=block)
+        elif sl.v.dtype == np.float32:
+            rows32 = work.v32[: e - s]
+            np.take(sl.v, cols[s:e], axis=0, out=rows32)
+            block[...] = rows32
+        else:
+            block[...] = sl.v[cols[s:e]]
+        r = rows[s:e]
+        bounds = np.r_[0, np.flatnonzero(r[1:] != r[:-1]) + 1, e - s]
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            np.einsum("ij,j->i", block[a:b], q64[r[a]], out=out[s + a : s + b])
+        if sl.cosine:  # the document's float64 norm, clamped at 1e-12 as torch does
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+            out[s:e] *= 1.0 / np.maximum(norms, 1e-12)
     return out
 
 
@@ -181,6 +209,26 @@ def candidates(
     return rows, cols
 
 
+def prune(rows, cols, approx_values, margin, held: np.ndarray, k: int):
+    """Drop the candidates that cannot reach the new k-th best score: those whose upper bound
+    A + M is below the k-th largest of the held exact scores and the candidates' lower bounds
+    A - M (at least k distinct documents score at least that). Saves rescoring the documents
+    that another candidate of the same slice pushes out."""
+    if not len(rows):
+        return rows, cols
+    a = approx_values.astype(np.float64)
+    m = margin[rows]
+    n = len(held)
+    counts = np.bincount(rows, minlength=n)
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    lower = np.full((n, int(counts.max())), -np.inf)
+    lower[rows, slot] = a - m
+    both = np.concatenate([held.astype(np.float64), lower], axis=1)
+    kth = np.partition(both, both.shape[1] - k, axis=1)[:, both.shape[1] - k]
+    keep = a + m >= kth[rows]
+    return rows[keep], cols[keep]
+
+
 def all_pairs(n: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(np.arange(n * nb), nb)
 
@@ -195,8 +243,10 @@ class NumpyGemm:
         self.q32, self.work = q32, work
 
     def candidates(self, lo, hi, sl: CorpusSlice, margin, held_kth, k):
+        """(rows, cols, their approximate scores)."""
         approx = np.matmul(self.q32[lo:hi], sl.gemm.T, out=self.work.approx[: hi - lo, : len(sl)])
-        return candidates(approx, margin, held_kth, k, self.work.mask[: hi - lo, : len(sl)])
+        rows, cols = candidates(approx, margin, held_kth, k, self.work.mask[: hi - lo, : len(sl)])
+        return rows, cols, approx[rows, cols]
 
 
 class TorchGemm:
@@ -241,7 +291,8 @@ class TorchGemm:
             approx = self.q32[lo:hi] @ sl.device_gemm.T
         n, nb = approx.shape
         if held_kth is None and nb <= k:
-            return all_pairs(n, nb)
+            rows, cols = all_pairs(n, nb)
+            return rows, cols, approx.cpu().numpy().reshape(-1)
         if held_kth is None:
             kth = torch.topk(approx, k, dim=1).values[:, -1].double().cpu().numpy()
             cut = kth - 2 * margin
@@ -249,7 +300,8 @@ class TorchGemm:
             cut = held_kth - margin
         cut32 = torch.from_numpy(_below32(cut)).to(self.device)
         rows, cols = torch.nonzero(approx >= cut32[:, None], as_tuple=True)
-        return rows.cpu().numpy(), cols.cpu().numpy()
+        values = approx[rows, cols]
+        return rows.cpu().numpy(), cols.cpu().numpy(), values.cpu().numpy()
 
 
 def gemm_backend(q32: np.ndarray, device: Any, work: Workspace):

@@ -40,6 +40,7 @@ from evalkit.search.index import (
     parameter_grid,
     set_search_params,
 )
+from evalkit.search.tune import recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +77,6 @@ def exact_ground_truth(
     from evalkit.search.exact import exact_search
 
     return exact_search(np.asarray(queries, dtype=np.float32), blocks, k, score=_SCORES[metric])
-
-
-def recall_at_k(
-    ann_pos: np.ndarray, gt_pos: np.ndarray, gt_scores: np.ndarray, k: int, *, tol: float = 1e-5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query (k-recall@k, 1-recall@k).
-
-    k-recall@k = |ANN top-k ∩ exact top-k| / k; 1-recall@k = 1 if the exact nearest neighbour is
-    in the ANN top-k. A corpus row whose exact score ties the k-th (resp. first) score within
-    `tol` counts as a true neighbour, so duplicates in the corpus do not look like misses.
-    """
-    n = len(ann_pos)
-    k_recall = np.zeros(n)
-    one_recall = np.zeros(n)
-    for i in range(n):
-        found = ann_pos[i, :k]
-        found = found[found >= 0]
-        row_s, row_p = gt_scores[i], gt_pos[i]
-        valid = row_p >= 0
-        kth = row_s[min(k, int(valid.sum())) - 1]
-        truth = row_p[valid & (row_s >= kth - tol * max(1.0, abs(kth)))]
-        k_recall[i] = min(k, np.isin(found, truth).sum()) / k
-        best = row_p[valid & (row_s >= row_s[0] - tol * max(1.0, abs(row_s[0])))]
-        one_recall[i] = float(np.isin(found, best).any())
-    return k_recall, one_recall
 
 
 # ----------------------------------------------------------------------------- timing

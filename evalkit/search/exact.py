@@ -2,14 +2,15 @@
 
 Algorithm (``exact_search``): float32 GEMM for candidates, float64 for the answer.
 1) normalise the queries once (cosine), in float64; keep a float32 copy for the GEMM;
-2) for each corpus slice: float64 row norms (cosine) and a float32 copy of the normalised rows;
+2) for each corpus slice: a float32 copy of the rows normalised (cosine) with float32 norms;
    approximate scores A = queries32 @ slice32.T with one float32 GEMM (numpy, or torch on a GPU);
 3) a bound M >= |A - S| for every pair, from the float32 error analysis of a dot product
    (|fl(a.b) - a.b| <= gamma_d sum|a_i b_i|, gamma_d = d u / (1 - d u), u = 2^-24, plus the
    float32 rounding of both operands and of the final score): M = C(d) |q| max|v|;
 4) candidates: a pair can belong to the final top-k only if its exact score S reaches the row's
    current k-th exact score (once k are held), or the k-th largest (A - M) of the slice (before):
-   keep the pairs with A >= that bound - M; everything else is provably outside the top-k;
+   keep the pairs with A >= that bound - M, then those whose A + M reaches the k-th largest of
+   the held scores and the candidates' A - M; everything else is provably outside the top-k;
 5) rescore the candidates exactly: S = fl(einsum(q64, v64)) / |v| in float64, one fixed-order
    dot product per (query, document) pair, rounded to the embeddings' dtype; so a score is the
    same function of the two vectors whatever the block, slice or chunk it was computed in;
@@ -35,8 +36,8 @@ from evalkit.errors import EvalkitError
 from evalkit.metrics._rank import TIES, id_key, order_rows, take_rows
 
 DIALECTS = ("sentence-transformers", "trec_eval")
-QUERY_ROWS = 512  # queries scored together
-CORPUS_ROWS = 8192  # corpus rows scored together: work arrays stay ~ 512 x 8192 float32 (16 MiB)
+QUERY_ROWS = 256  # queries scored together
+CORPUS_ROWS = 16384  # corpus rows scored together: work arrays stay ~ 256 x 16384 float32 (16 MiB)
 SCORES = ("cosine", "dot")
 
 
@@ -267,6 +268,8 @@ def _fold_slice(top: TopK, sl: Any, slice_ids: np.ndarray, queries, engine, out_
         rows, cols = _bounded.all_pairs(hi - lo, len(sl))  # float32 could overflow
     else:
         kth = top.scores[:, -1].astype(np.float64) if held else None
-        rows, cols = gemm.candidates(lo, hi, sl, margin, kth, top.k)
+        rows, cols, approx = gemm.candidates(lo, hi, sl, margin, kth, top.k)
+        if held:
+            rows, cols = _bounded.prune(rows, cols, approx, margin, top.scores, top.k)
     exact = _bounded.exact_scores(q64, sl, rows, cols, work).astype(out_dtype)
     top.add_candidates(rows, exact, slice_ids[cols])

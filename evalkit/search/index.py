@@ -28,7 +28,7 @@ import pyarrow as pa
 from evalkit._imports import require
 from evalkit._io import dumps_json
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError
-from evalkit.search.plan import HNSW_EF_GRID
+from evalkit.search.plan import HNSW_EF_GRID, QUANTIZER_EF_MIN
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def _prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
     """The search settings worth sweeping for this index, cheapest first: nprobe 1, 2, 4, ... up
-    to nlist for IVF indexes; efSearch from k up to 1024 for HNSW; one setting for the rest."""
+    to nlist for IVF indexes (with an HNSW coarse quantizer, its efSearch at max(64, 2 nprobe);
+    behind an exact refine, its current k_factor_rf kept); efSearch from k up to 1024 for HNSW;
+    one setting for the rest."""
     faiss = _faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -73,7 +75,15 @@ def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
         while p < ivf.nlist:
             grid.append({"nprobe": p})
             p *= 2
-        return grid + [{"nprobe": int(ivf.nlist)}]
+        grid.append({"nprobe": int(ivf.nlist)})
+        if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):
+            grid = [
+                {**g, "quantizer_efSearch": max(QUANTIZER_EF_MIN, 2 * g["nprobe"])} for g in grid
+            ]
+        refine = faiss.downcast_index(index)
+        if isinstance(refine, faiss.IndexRefine):
+            grid = [{**g, "k_factor_rf": int(refine.k_factor)} for g in grid]
+        return grid
     if _hnsw_of(index) is not None:
         efs = [ef for ef in HNSW_EF_GRID if ef >= k]
         return [{"efSearch": ef} for ef in (efs or [k])]
@@ -98,8 +108,9 @@ def set_search_params(index: Any, params: dict[str, int] | None) -> None:
             space.set_index_parameter(index, name, value)
         except (RuntimeError, AttributeError) as exc:
             raise EvalkitError(
-                f"this index has no search parameter {name!r}; IVF indexes take nprobe, HNSW "
-                "indexes take efSearch, Flat takes none"
+                f"this index has no search parameter {name!r}; IVF indexes take nprobe (and "
+                "quantizer_efSearch with an HNSW quantizer), HNSW indexes take efSearch, a "
+                "refined index (...,RFlat) takes k_factor_rf, Flat takes none"
             ) from exc
 
 

@@ -5,7 +5,8 @@
     optimizer, LR schedule (warmup, then linear decay to zero) and GradScaler (`step`); restored
     from a checkpoint when resuming, exactly where it stopped;
  2) train_step: one optimizer step from `grad_accum` micro-batches (`step.StepEngine`: autocast,
-    accumulation, DDP gradient sync on the last micro-batch only, clipping);
+    accumulation, DDP gradient sync on the last micro-batch only, clipping); on CPU each forward
+    runs in groups of similar length (`padding.SplitForward`), so padding is not computed;
  3) log: every `log_every` steps append a record to DIR/log.jsonl (the only host syncs of a step);
  4) evaluate: every `eval_every` steps run the evaluator and keep the best model by its primary
     metric in DIR/best/;
@@ -36,6 +37,7 @@ from evalkit.errors import EvalkitError
 from evalkit.train import checkpoint as ckpt
 from evalkit.train.batches import Collate, EpochBatchSampler, make_loader
 from evalkit.train.distributed import barrier, gather, mean_across, setup_distributed
+from evalkit.train.padding import SplitForward
 from evalkit.train.step import PRECISIONS, StepEngine, adamw, param_groups, resolve_precision
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ class _Options:
     optimizer: Callable[[list[dict[str, Any]]], Any] | None = None
     callback: Callable[[dict[str, Any]], None] | None = None
     progress: bool = True
+    split_padding: bool | None = None
 
 
 def fit(model: Any, train_dataset: Any, loss: torch.nn.Module, **options: Any) -> FitResult:
@@ -134,6 +137,9 @@ def fit(model: Any, train_dataset: Any, loss: torch.nn.Module, **options: Any) -
             default AdamW(lr=lr).
         callback: called with each step's record (dict) at the end of the step.
         progress: a progress bar on rank 0.
+        split_padding: forward each micro-batch in groups of similar length so padding is not
+            computed (evalkit.train.padding; same batch, same loss up to float rounding).
+            None (default): on CPU, where padded tokens cost as much as real ones.
     """
     known = {f.name for f in fields(_Options)}
     unknown = sorted(set(options) - known)
@@ -168,6 +174,9 @@ class _Run:
         self._setup_processes()
         self._setup_training()
         self._restore()
+        self.splitter = None
+        if opts.split_padding or (opts.split_padding is None and self.dev.type == "cpu"):
+            self.splitter = SplitForward.install(model)
         self.collate = Collate(model, opts.label_scale)
         self.start_time, self.start_samples = time.perf_counter(), self.state["samples"]
         self.last_loss: float | None = None
@@ -355,6 +364,8 @@ class _Run:
     def close(self) -> None:
         self.bar.close()
         self.engine.unwrap()
+        if self.splitter is not None:
+            self.splitter.remove()
 
     # 6) finish -------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from evalkit.data import beir
+from evalkit.data import _arrow_json, beir
 from evalkit.errors import DataError
 
 
@@ -68,6 +68,21 @@ def test_duplicate_corpus_id_is_an_error(tmp_path):
     )
     with pytest.raises(DataError, match="'a' occurs more than once"):
         beir.corpus_ids(path)
+
+
+def test_count_corpus_counts_and_rejects_duplicates(tmp_path, monkeypatch):
+    """Guards the hash-based duplicate check: a duplicate id must be reported (even among ids
+    whose hashes all collide), and colliding hashes of distinct ids must not be taken for one."""
+    rows = [{"_id": f"d{i}", "text": "x"} for i in range(50)]
+    path = _write_jsonl(tmp_path / "c.jsonl", rows)
+    assert len(beir.count_corpus(path)) == 50
+    dup = _write_jsonl(tmp_path / "d.jsonl", [*rows, {"_id": "d17", "text": "again"}])
+    with pytest.raises(DataError, match="'d17' occurs more than once"):
+        beir.count_corpus(dup)
+    monkeypatch.setattr(beir, "hash", lambda s: 7, raising=False)  # every id collides
+    assert len(beir.count_corpus(path)) == 50
+    with pytest.raises(DataError, match="'d17' occurs more than once"):
+        beir.count_corpus(dup)
 
 
 def test_bad_corpus_lines_name_file_and_line(tmp_path):
@@ -147,3 +162,113 @@ def test_real_scifact_layout(shared_data):
     assert n == 5183 == len(beir.corpus_ids(paths["corpus"]))
     row = json.loads(paths["corpus"].open(encoding="utf-8").readline())
     assert first == (row["_id"], (row["title"] + " " + row["text"]).strip())
+
+
+def _docs(n, seed=0):
+    """Documents with and without titles, escapes, non-ASCII text, blank lines between."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        doc = {"_id": f"d{i}", "text": f'text "{i}" é 😀 \\ {rng.random():.6f}'}
+        if i % 3:
+            doc["title"] = f"title {i}"
+        if i % 7 == 0:
+            doc["extra"] = {"nested": [1, 2]}
+        out.append(doc)
+    return out
+
+
+def _write_lines(path, docs, blank_every=0):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write((d if isinstance(d, str) else json.dumps(d, ensure_ascii=i % 2 == 0)) + "\n")
+            if blank_every and i % blank_every == 0:
+                f.write("\n")
+    return path
+
+
+def _line_by_line(monkeypatch):
+    """Force the line-by-line reader (pyarrow's always gives up)."""
+
+    def refuse(path, fields):
+        raise beir._Fallback
+        yield
+
+    monkeypatch.setattr(beir, "_arrow_jsonl", refuse)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_arrow_reader_gives_exactly_the_line_reader_batches(tmp_path, monkeypatch, batch):
+    """Guards the fast JSON path: the same ids, texts and batch boundaries as the line-by-line
+    reader (a mangled text or a shifted batch would change every metric)."""
+    monkeypatch.setattr(_arrow_json, "ARROW_BLOCK", 4096)  # many pyarrow blocks
+    path = _write_lines(tmp_path / "c.jsonl", _docs(300), blank_every=13)
+    used = []
+    real = beir._arrow_jsonl
+
+    def spy(p, fields):
+        used.append(fields)
+        yield from real(p, fields)
+
+    monkeypatch.setattr(beir, "_arrow_jsonl", spy)
+    fast = list(beir.iter_corpus(path, batch_size=batch))
+    assert used and len(beir.count_corpus(path)) == 300
+    _line_by_line(monkeypatch)
+    assert fast == list(beir.iter_corpus(path, batch_size=batch))
+
+
+@pytest.mark.parametrize("batch", [1, 64, 1000])
+def test_fallback_part_way_neither_repeats_nor_skips(tmp_path, monkeypatch, batch):
+    """Guards the switch between readers: a document pyarrow rejects late in the file (a
+    numeric id) must not repeat or drop the documents already yielded."""
+    monkeypatch.setattr(_arrow_json, "ARROW_BLOCK", 4096)
+    docs = _docs(400)
+    docs[350]["_id"] = 350  # pyarrow: string column changes to number
+    path = _write_lines(tmp_path / "c.jsonl", docs)
+    got = [(i, t) for ids, texts in beir.iter_corpus(path, batch_size=batch)
+           for i, t in zip(ids, texts, strict=True)]  # fmt: skip
+    assert [i for i, _ in got] == [str(d["_id"]) for d in docs]
+    assert len(beir.count_corpus(path)) == 400
+    assert beir.corpus_ids(path).to_pylist() == [str(d["_id"]) for d in docs]
+    _line_by_line(monkeypatch)
+    assert got == [(i, t) for ids, texts in beir.iter_corpus(path, batch_size=batch)
+                   for i, t in zip(ids, texts, strict=True)]  # fmt: skip
+
+
+def test_late_faults_still_name_their_line(tmp_path, monkeypatch):
+    """Guards the error messages after a fast start: the line-by-line reader takes over and
+    names the file and line of a null text, an empty id or a broken line."""
+    monkeypatch.setattr(_arrow_json, "ARROW_BLOCK", 4096)
+    docs = _docs(300)
+    for fault, match in [
+        ({"_id": "x", "text": None}, r"c\.jsonl:251: document 'x' has null 'text'"),
+        ({"_id": "", "text": "t"}, r"c\.jsonl:251: empty '_id'"),
+        ('{"_id": "x", "text": ', r"c\.jsonl:251: not valid JSON"),
+    ]:
+        path = _write_lines(tmp_path / "c.jsonl", [*docs[:250], fault, *docs[250:]])
+        with pytest.raises(DataError, match=match):
+            list(beir.iter_corpus(path, batch_size=64))
+
+
+def test_byte_order_mark_and_bad_utf8_read_as_the_line_reader_reads_them(tmp_path, monkeypatch):
+    """Guards against the fast reader disagreeing with the documented one: a BOM on line 1 is
+    dropped by both; an invalid UTF-8 byte or a lone surrogate is still refused, with its line."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    fast = list(beir.iter_corpus(path))
+    assert fast == [(["a", "b"], ["x", "y"])]
+    path.write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "bad \xff"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid UTF-8"):
+        list(beir.iter_corpus(path))
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid UTF-8"):
+        beir.count_corpus(path)
+    path.write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y", "z": "\xff"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid UTF-8"):  # a field nobody reads
+        beir.count_corpus(path)
+    _line_by_line(monkeypatch)
+    path.write_bytes(b'\xef\xbb\xbf{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    assert list(beir.iter_corpus(path)) == fast

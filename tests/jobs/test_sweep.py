@@ -97,7 +97,7 @@ def test_sweep_retrieval_on_scifact(tiny_run, scifact_small, tmp_path, monkeypat
     from evalkit.jobs.results import read_table
 
     calls = []
-    for name in ("load_qrels", "load_queries", "corpus_ids"):
+    for name in ("load_qrels", "load_queries", "count_corpus"):
         original = getattr(beir, name)
 
         def counted(*a, _f=original, _n=name, **k):
@@ -113,7 +113,7 @@ def test_sweep_retrieval_on_scifact(tiny_run, scifact_small, tmp_path, monkeypat
     rows = {r["label"]: r for r in report["rows"]}
     assert "permutation" in rows["step-30"]["vs_base"]["test"]
     assert sum(not r["same_as"] for r in report["rows"]) == 4  # four models evaluated ...
-    assert sorted(calls) == ["corpus_ids", "load_qrels", "load_queries"]  # ... data parsed once
+    assert sorted(calls) == ["count_corpus", "load_qrels", "load_queries"]  # ... data parsed once
     result = json.loads((out / "evals" / "step-30" / "metrics.json").read_text())
     table = read_table(
         {**result["per_query"], "path": str(out / "evals/step-30/per_query.parquet")}

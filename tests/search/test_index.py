@@ -45,11 +45,14 @@ def test_parse_size():
 
 def test_choose_index_follows_rows_dim_and_budget():
     assert choose_index(50_000, 384, "4G").spec == "Flat"
-    hnsw = choose_index(164_000, 384, "4G")
+    fs = choose_index(164_000, 384, "4G")  # the bench_ann figure: fast-scan PQ + exact refine
+    assert fs.spec == "IVF2048_HNSW32,PQ96x4fs,RFlat" and "budget" in fs.reason
+    assert fs.search_params == {"nprobe": 64, "quantizer_efSearch": 128, "k_factor_rf": 8}
+    hnsw = choose_index(164_000, 385, "4G")  # 385 dims do not split into 4-bit sub-quantizers
     assert (
         hnsw.spec == "HNSW32" and "fits" in hnsw.reason and hnsw.search_params == {"efSearch": 64}
     )
-    ivf = choose_index(1_000_000, 384, "1.6G")  # HNSW32 (~1.7 GiB) does not fit, raw vectors do
+    ivf = choose_index(1_000_000, 385, "1.6G")  # HNSW32 (~1.8 GiB) does not fit, raw vectors do
     assert ivf.spec == f"IVF{ivf_nlist(1_000_000)},Flat" and "HNSW32 does not fit" in ivf.reason
     assert ivf_nlist(1_000_000) == 4096  # 4*sqrt(1e6) = 4000 -> nearest power of two
     pq = choose_index(10_000_000, 768, "4G")
@@ -121,6 +124,23 @@ def test_parameter_grid(data):
     hnsw = build_index(x[:200], spec="HNSW8").index
     assert parameter_grid(hnsw, k=20)[0] == {"efSearch": 24}
     assert parameter_grid(build_index(x[:50], spec="Flat").index) == [{}]
+    fs = build_index(x, spec="IVF16_HNSW32,PQ8x4fs,RFlat").index
+    grid = parameter_grid(fs)
+    assert grid[0] == {"nprobe": 1, "quantizer_efSearch": 64, "k_factor_rf": 1}
+    assert grid[-1] == {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 1}
+
+
+def test_fast_scan_refine_index_searches_and_reloads(data, tmp_path):
+    """Guards the auto choice's index kind end to end: its settings apply, survive a save and a
+    memory-mapped reload, and at full probing its results are the exact top-k."""
+    x, _ = data
+    built = build_index(x, spec="IVF16_HNSW32,PQ8x4fs,RFlat", out=tmp_path / "fs")
+    idx = load_index(tmp_path / "fs")
+    params = {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 64}
+    _, got = idx.search(x[:20], 5, params=params)
+    _, want = build_index(x, spec="Flat").search(x[:20], 5)
+    assert (got == want).mean() > 0.99
+    assert built.meta["search_params"] == parameter_grid(built.index)[2]
 
 
 def test_auto_choice_recorded_in_sidecar(tmp_path, data):
@@ -157,3 +177,42 @@ def test_bad_inputs(tmp_path, data):
     (tmp_path / "i" / "index.faiss").write_bytes(b"this is not a faiss index")
     with pytest.raises(DataError, match="corrupt"):
         load_index(tmp_path / "i")
+
+
+def test_auto_choice_tunes_its_default_setting_on_the_data(data, monkeypatch):
+    """Guards the auto choice's promise: its default search setting is the cheapest of its
+    grid whose recall@10 on sampled rows (their own row excluded) reaches the target, measured
+    against exact search, and recorded in the sidecar."""
+    import evalkit.search.plan as plan
+    from evalkit.search.tune import tune_params
+
+    x = np.ascontiguousarray(data[0][:, :15])  # 15 dims: HNSW32 (no 4-bit sub-quantizers)
+    monkeypatch.setattr(plan, "FLAT_MAX_ROWS", 100)  # an ANN index for 3,000 rows
+    built = build_index(x, spec=None, memory_budget="4G")
+    assert built.spec == "HNSW32"
+    tuned = built.meta["tuned"]
+    assert tuned is not None and built.meta["auto"]
+    assert built.meta["search_params"] == tuned["chosen"]["params"]
+    recalls = [r["recall@10"] for r in tuned["sweep"]]
+    assert recalls[-1] >= tuned["target"] and all(r < tuned["target"] for r in recalls[:-1])
+    # the same measurement by hand for the chosen setting: each sampled row's own hit removed
+    from evalkit.search.ann import recall_at_k
+    from evalkit.search.exact import exact_search
+
+    rows = np.sort(np.random.default_rng(0).choice(len(x), 1000, replace=False))
+    gs, gp = exact_search(x[rows], [(np.arange(len(x)), x)], 11)
+    _, ap = built.search(x[rows], 11, params=built.meta["search_params"])
+
+    def without_own(scores, pos):
+        keep = [[j for j in range(pos.shape[1]) if pos[i, j] != r][:10] for i, r in enumerate(rows)]
+        return (
+            np.array([scores[i, c] for i, c in enumerate(keep)]),
+            np.array([pos[i, c] for i, c in enumerate(keep)]),
+        )
+
+    gs_, gp_ = without_own(gs, gp)
+    _, ap_ = without_own(np.zeros(ap.shape), ap)
+    assert recall_at_k(ap_, gp_, gs_, 10)[0].mean() == pytest.approx(tuned["chosen"]["recall@10"])
+    params, again = tune_params(built, lambda: iter([(np.arange(len(x)), x)]), len(x))
+    assert params == built.meta["search_params"] and again["chosen"] == tuned["chosen"]
+    assert build_index(x, spec=None, tune=False).meta["tuned"] is None
