@@ -18,6 +18,7 @@ The last line is `exact_vs_float32_gemm=X` for the first --k (the retrieval eval
 100); exit 1 when X < 0.6 or an exactness check fails.
 
     python scripts/bench_exact.py [--docs 200000] [--queries 1000] [--k 100,10] [--runs 5]
+    python scripts/bench_exact.py --device cuda     (both in torch on the GPU; TF32 off)
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def brute_force(q: np.ndarray, v: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return np.array(scores), np.array(ids)
 
 
+def torch_gemm(q32: np.ndarray, blocks, device: str, query_rows: int, corpus_rows: int):
+    """The same products in torch on `device` at full float32 (TF32 off), each slice copied
+    there as exact_search copies it, synchronised at the end: the GPU ceiling."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(device)
+    qt = torch.from_numpy(q32).to(dev)
+
+    def run():
+        for _, block in blocks():
+            for c in range(0, len(block), corpus_rows):
+                part = torch.from_numpy(np.ascontiguousarray(block[c : c + corpus_rows])).to(dev)
+                for lo in range(0, len(qt), query_rows):
+                    torch.mm(qt[lo : lo + query_rows], part.T)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -62,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", type=int, default=20, help="queries checked against brute force")
     p.add_argument("--vectors", type=Path, default=None, help=".npy of real vectors instead")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", default=None, help="a torch device (cuda): both GEMMs run in torch there"
+    )
     args = p.parse_args(argv)
     if args.runs < 5:
         p.error("--runs must be >= 5")
@@ -99,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows = q32[lo : lo + ex.QUERY_ROWS]
                     np.matmul(rows, part.T, out=out[: len(rows), : len(part)])
 
+    if args.device not in (None, "cpu"):
+        gemm = torch_gemm(q32, blocks, args.device, ex.QUERY_ROWS, ex.CORPUS_ROWS)
     contenders = {"float32 GEMM": gemm}
     for k in ks:
-        contenders[f"exact k={k}"] = lambda k=k: ex.exact_search(q, blocks(), k)
+        contenders[f"exact k={k}"] = lambda k=k: ex.exact_search(q, blocks(), k, device=args.device)
     times = timed_runs(contenders, args.runs)
     rate = {name: nq * n / median(secs) for name, secs in times.items()}
     for name, secs in times.items():
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{rate[name] / 1e6:9.1f} M scores/s")  # fmt: skip
     ok = True
     for k in ks:
-        scores, ids = ex.exact_search(q[: args.check], blocks(), k)
+        scores, ids = ex.exact_search(q[: args.check], blocks(), k, device=args.device)
         want_s, want_i = brute_force(q[: args.check], v, k)
         same = np.array_equal(ids, want_i) and np.array_equal(scores, want_s)
         ok = ok and same

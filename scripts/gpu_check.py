@@ -246,6 +246,7 @@ def main() -> int:
     for name, step in steps.items():
         t = time.perf_counter()
         report[name] = step()
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")  # so far
         print(
             f"gpu_check: {name} done in {time.perf_counter() - t:.1f} s",
             file=sys.stderr,
