@@ -191,7 +191,16 @@ def step_fit(model_dir: Path, stsb_train: Path, device: str, steps: int, tmp: Pa
     loss = CosineSimilarityLoss(model)
     _sync(device)
     t = time.perf_counter()
-    res = fit(model, data, loss, max_steps=steps, batch_size=32, grad_accum=2, progress=False)
+    res = fit(
+        model,
+        data,
+        loss,
+        max_steps=steps,
+        batch_size=32,
+        grad_accum=2,
+        label_scale=5.0,
+        progress=False,
+    )  # STS-B scores 0-5 -> the cosine loss's 0-1
     _sync(device)
     dt = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
