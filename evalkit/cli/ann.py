@@ -133,7 +133,7 @@ def _add_run_and_output_args(p: argparse.ArgumentParser) -> None:
         help="folder for ann.json, summary.md and recall_qps.png",
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw the recall-QPS curve")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print ann.json instead of the summary")
 
 

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
         help="only these metrics (default: every metric with a paired test)",
     )  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="write compare.json and compare.md")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     add_task_args(p)
     add_significance_args(p)

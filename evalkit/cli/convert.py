@@ -86,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="rows per record batch read and written (default: %(default)s)",
     )
     out = parser.add_argument_group("output")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
     out.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.set_defaults(func=run)
     return parser

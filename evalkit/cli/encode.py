@@ -90,7 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     g.add_argument("--prompt-name", default=None, help="name of one of the model's prompts")
     g.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     _add_scale_args(parser)
     parser.set_defaults(func=run)

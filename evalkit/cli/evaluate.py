@@ -173,7 +173,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     add_results_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--json", action="store_true", help="print the full result as JSON instead of the summary"
     )

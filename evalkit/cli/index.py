@@ -72,7 +72,7 @@ def add_parser(subparsers) -> None:
         metavar="DIR",
         help="folder for index.faiss, ids.arrow and index.json",
     )
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
     add_model_args(b)
     add_source_args(b)
     b.set_defaults(func=_build)

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
         "--watch-timeout", type=float, default=None, metavar="S",
         help="--watch: stop after S seconds without a new checkpoint (runs that write no result.json)",
     )  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print sweep.json instead of the table")
     add_task_args(p)
     add_significance_args(p)

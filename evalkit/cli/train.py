@@ -174,7 +174,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in OUT"
     )
     o.add_argument("--log-every", type=positive_int, default=10, help="steps per log.jsonl record")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
