@@ -32,7 +32,9 @@ next row gives the same later windows; and a window's vectors depend only on its
 store as it was when the job started (the job writes the store only at its end).
 
 Remote outputs (s3://) are staged in a fresh local folder per shard and uploaded whole: a killed
-writer's staging is not found again, so they are not resumed (the shard is encoded again).
+writer's staging is not found again, so they are not resumed (the shard is encoded again). A
+writer that raises deletes its files, except on KeyboardInterrupt (Ctrl-C): they are kept for a
+later process to resume (SIGTERM ends Python without cleanup, like a kill).
 """
 
 from __future__ import annotations
@@ -119,11 +121,14 @@ class ShardFile:
         self._jh.close()
         self.journal.unlink(missing_ok=True)
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Close; delete the files unless `keep` (then a later process resumes from them, and
+        this one overwrites them if it writes this shard again)."""
         for fh in (self._fh, self._jh):
             fh.close()
-        self.tmp.unlink(missing_ok=True)
-        self.journal.unlink(missing_ok=True)
+        if not keep:
+            self.tmp.unlink(missing_ok=True)
+            self.journal.unlink(missing_ok=True)
 
 
 def _dead_partials(out: Path, name: str) -> list[Path]:

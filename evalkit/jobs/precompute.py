@@ -447,8 +447,10 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
         if sink.empty:
             raise DataError(f"no rows in [{a}, {b})")
         sink.finish(out / name)
-    except BaseException:
-        sink.abort()
+    except BaseException as exc:
+        sink.abort(
+            keep=isinstance(exc, KeyboardInterrupt)
+        )  # Ctrl-C: a rerun resumes, as after kill
         raise
     return {
         "file": name,

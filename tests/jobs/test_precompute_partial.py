@@ -96,7 +96,7 @@ def _interrupt(monkeypatch, corpus, out, model, after: int, dtype: str = "float3
 
     with monkeypatch.context() as m:
         m.setattr(_partial.ShardFile, "write", counted)
-        m.setattr(_partial.ShardFile, "abort", lambda self: None)
+        m.setattr(_partial.ShardFile, "abort", lambda self, keep=False: None)
         with pytest.raises(_Killed):
             _run(corpus, out, model, dtype)
     dead = _dead_pid()
@@ -333,3 +333,51 @@ def test_workers_resume_a_partial(corpus, tiny_model_dir, reference, tmp_path, m
     assert manifest["last_run"]["rows"] == ROWS - 3 * WINDOW
     assert _outputs(out) == reference["float32"]
     assert not list(out.glob(".*-*"))
+
+
+def test_ctrl_c_keeps_the_partial_for_the_next_process(
+    corpus, tiny_model_dir, reference, tmp_path, monkeypatch
+):
+    """Guards against: Ctrl-C throwing away the finished windows (the common way a long job is
+    stopped), and a rerun in the same process tripping over its own kept files."""
+    out = tmp_path / "out"
+    calls = [0]
+    write = _partial.ShardFile.write
+
+    def interrupted(self, batch):
+        write(self, batch)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_partial.ShardFile, "write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _run(corpus, out, tiny_model_dir)
+    kept = sorted(out.glob(f".{SHARD_1}.*-{os.getpid()}"))
+    assert len(kept) == 2  # temp file and journal, owned by this (live) process
+    again = tmp_path / "again"  # the same process again: its own files are overwritten
+    again.mkdir()
+    for path in kept:
+        (again / path.name).write_bytes(path.read_bytes())
+    assert _resume(corpus, again, tiny_model_dir)["last_run"]["resumed_rows"] == 0
+    assert _outputs(again) == reference["float32"]
+    dead = _dead_pid()  # a later process: the files' writer is gone
+    for path in kept:
+        path.rename(path.with_name(f"{path.name.rsplit('-', 1)[0]}-{dead}"))
+    assert _resume(corpus, out, tiny_model_dir)["last_run"]["resumed_rows"] == 3 * WINDOW
+    assert _outputs(out) == reference["float32"]
+
+
+def test_every_window_journaled_but_not_renamed(
+    corpus, tiny_model_dir, reference, tmp_path, monkeypatch
+):
+    """Guards against: a shard whose windows were all finished (killed before its footer and
+    rename) being encoded again, or the encoder failing on an empty rest."""
+    out = tmp_path / "out"
+    _interrupt(monkeypatch, corpus, out, tiny_model_dir, after=PER_SHARD // WINDOW)
+    assert not (out / SHARD_1).exists()
+    manifest = _resume(corpus, out, tiny_model_dir)
+    assert manifest["last_run"]["resumed_rows"] == PER_SHARD
+    assert manifest["last_run"]["rows"] == ROWS - PER_SHARD
+    assert _outputs(out) == reference["float32"]
