@@ -155,7 +155,8 @@ def step_workers(data: Path, model_dir: Path, devices: list[str], tmp: Path, per
 
 
 def step_resume(data: Path, model_dir: Path, device: str, tmp: Path, per: int) -> dict:
-    """Step 6: kill -9 after the first shard, rerun, same bytes as an uninterrupted run."""
+    """Step 6: kill -9 after the first shard, rerun (resuming the killed shard's finished
+    windows), same bytes as an uninterrupted run."""
     common = ["--rows-per-shard", str(per), "--batch-size", "16", "--device", device]
     _precompute(data, tmp / "full", model_dir, common)
     args = [sys.executable, "-m", "evalkit", "encode", str(data), "--column", "text", "--out",
@@ -171,8 +172,9 @@ def step_resume(data: Path, model_dir: Path, device: str, tmp: Path, per: int) -
     listed = list((tmp / "part").glob("manifest*.json"))
     done = len(load_manifest(tmp / "part")["shards"]) if listed else 0
     _precompute(data, tmp / "part", model_dir, common)
+    resumed = load_manifest(tmp / "part")["runs"][-1].get("resumed_rows", 0)
     return {"killed_after_shards": done, "killed": job.returncode == -signal.SIGKILL,
-            "identical": _same(tmp / "full", tmp / "part")}  # fmt: skip
+            "resumed_rows": resumed, "identical": _same(tmp / "full", tmp / "part")}  # fmt: skip
 
 
 def step_fit(model_dir: Path, stsb_train: Path, device: str, steps: int, tmp: Path) -> dict:

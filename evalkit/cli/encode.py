@@ -180,6 +180,7 @@ def summary(manifest: dict) -> str:
         f"this run: {run['rows']} rows, {run['hits']} cache hits, {run['misses']} encoded "
         f"(hit rate {rate}), {run['duplicates']} duplicate rows, "
         f"{run['written_shards']} shards written, {run['skipped_shards']} already done, "
+        f"{run.get('resumed_rows', 0)} rows resumed from a killed run, "
         f"{run.get('imported_rows', 0)} rows put into the store, {run['seconds']:.1f} s",
         f"model fingerprint {manifest['model_fingerprint']}",
     ]

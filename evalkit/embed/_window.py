@@ -9,7 +9,7 @@
    start) only keys this run wrote can hit, so only those are looked up; it hands new vectors to
    one background writer thread (one `put_many` transaction per window), unless it is read-only
    (`write=False`: nothing is written, so nothing this run encoded can hit);
-4) `EncodeStats` counts rows, hits, misses, duplicates and seconds (merge: add).
+4) `EncodeStats` counts rows, hits, misses, duplicates, seconds and resumed rows (merge: add).
 """
 
 from __future__ import annotations
@@ -225,6 +225,7 @@ class EncodeStats:
     misses: int = 0  # merge: add
     duplicates: int = 0  # merge: add (rows served by an equal text earlier in the same window)
     seconds: float = 0.0  # merge: add
+    resumed: int = 0  # merge: add (rows a precompute job recovered from a killed run's partial)
     fingerprint: str = ""
     dim: int | None = None
 
@@ -234,6 +235,7 @@ class EncodeStats:
         self.misses += other.misses
         self.duplicates += other.duplicates
         self.seconds += other.seconds
+        self.resumed += other.resumed
         self.fingerprint = self.fingerprint or other.fingerprint
         self.dim = self.dim or other.dim
         return self

@@ -225,7 +225,8 @@ class ShardJob:
         stats = self.stats
         self.manifest["last_run"] = {
             "rows": stats.rows, "hits": stats.hits, "misses": stats.misses,
-            "duplicates": stats.duplicates, "skipped_shards": self.skipped,
+            "duplicates": stats.duplicates, "resumed_rows": stats.resumed,
+            "skipped_shards": self.skipped,
             "written_shards": len(self.todo), "imported_rows": imported,
             "reencoded_shards": [self.changed[r] for r in self.plan if r in self.changed],
             "startup_s": round(self.startup_s, 3),

@@ -113,7 +113,9 @@ class ShardWorker:
                              stats, _Progress(on_rows))  # fmt: skip
         if self.out.remote:
             self.out.put_file(folder / entry["file"], entry["file"])
-        tallies = {k: getattr(stats, k) for k in ("rows", "hits", "misses", "duplicates")}
+        tallies = {
+            k: getattr(stats, k) for k in ("rows", "hits", "misses", "duplicates", "resumed")
+        }
         return entry, tallies
 
     def verify(self, entries: list[dict]) -> list[str]:

@@ -12,8 +12,12 @@
 4. Stream the input (evalkit.data.readers.iter_batches, only the text and id columns) through one
    StreamingEncoder that reads the store but does not write it; write each shard to a temp file
    in DIR as windows arrive (`id`, `key`: the store key of the text, `embedding`:
-   fixed_size_list<float32|float16>[dim]), fsync, `os.replace` into place, then rewrite the
-   manifest the same way. A kill -9 loses at most the shard files in progress.
+   fixed_size_list<float32|float16>[dim]), each window's batch fsync'ed and then named in a
+   journal beside it (`evalkit.jobs._partial`); finished: `os.replace` into place, then rewrite
+   the manifest the same way. A kill -9 loses at most the window in progress of each shard: a
+   rerun copies the finished windows of a dead writer's temp file (journal-checked, and checked
+   against the input: ids, and keys = this model's keys of the texts) and encodes from the next
+   window on, which gives the uninterrupted run's bytes (`resumed_rows` in the run log).
 5. When every shard of the run is written, put the job's shards into the store
    (`shards.import_into_store`: keys and vectors from the files, no second pass over the texts).
 
@@ -171,6 +175,7 @@ def run_precompute(
         "hits": stats.hits,
         "misses": stats.misses,
         "duplicates": stats.duplicates,
+        "resumed_rows": stats.resumed,
         "skipped_shards": len(done),
         "written_shards": len(todo),
         "reencoded_shards": [changed[r] for r in plan if r in changed],
@@ -261,7 +266,12 @@ def _prepare(
     }
     existing = _manifests(out) if out.is_dir() else []
     if existing and overwrite:
-        for path in [*out.glob("manifest*.json"), *out.glob(_SHARD_GLOB), *out.glob(".*.tmp-*")]:
+        for path in [
+            *out.glob("manifest*.json"),
+            *out.glob(_SHARD_GLOB),
+            *out.glob(".*.tmp-*"),
+            *out.glob(".*.journal-*"),
+        ]:
             path.unlink()
         existing = []
     for old in existing:
@@ -364,6 +374,8 @@ def _digest_columns(piece: Any, column: str, id_column: str | None) -> list:
 def _save(out: Path, manifest: dict, shard, plan, stats) -> dict:
     runs = manifest.setdefault("runs", [])
     runs[-1].update(rows=stats.rows, hits=stats.hits, misses=stats.misses)
+    if stats.resumed:
+        runs[-1]["resumed_rows"] = stats.resumed
     manifest["counts"] = {
         "rows_done": sum(s["rows"] for s in manifest["shards"]),
         "hits": sum(r["hits"] for r in runs),
@@ -381,6 +393,7 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
 
     from evalkit.data.beir import document_texts
     from evalkit.embed.store import KEY_BYTES, make_keys
+    from evalkit.jobs._partial import ShardFile, resume
 
     np_dtype = np.float16 if dtype == "float16" else np.float32
     value_type = pa.float16() if dtype == "float16" else pa.float32()
@@ -388,75 +401,81 @@ def _write_shard(out, encoder, reader, a, b, column, id_column, dtype, stats, ba
     digest = RowDigest()
     keys: collections.deque = collections.deque()
     fingerprint = encoder.fingerprint
-
-    def texts() -> Iterator[Any]:
-        row = a
-        for piece in reader.take(b - a):
-            digest.update(*_digest_columns(piece, column, id_column))
-            ids.append(
-                piece.column(id_column)
-                if id_column
-                else pa.array(np.arange(row, row + len(piece), dtype=np.int64))
-            )
-            text = document_texts(piece, column)
-            # a non-string text gets a placeholder key: the encoder refuses its window anyway
-            plain = [t if isinstance(t, str) else "" for t in text.to_pylist()]
-            keys.append(pa.array(make_keys(fingerprint, plain), type=pa.binary(KEY_BYTES)))
-            row += len(piece)
-            yield text
-
     name = shard_name(a, b)
-    final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
-    _remove_stale_temps(out, name)
-    writer = None
+    expect = {"fingerprint": fingerprint, "dtype": dtype, "dim": encoder.dim}
+    header = {"format": FORMAT, "start": a, "rows": b - a, "window": encoder.window, **expect}
+    sink = ShardFile(out, name, header)
     try:
-        with open(tmp, "wb") as fh:
-            sink = pa.PythonFile(fh, mode="w")
-            update = None if bar is None else bar.update
-            for block in encoder.iter_encode(texts(), stats=stats, first_row=a, on_progress=update):
-                id_array = _take_ids(ids, len(block))
-                key_array = _take_ids(keys, len(block))
-                vec = pa.FixedSizeListArray.from_arrays(
-                    pa.array(block.astype(np_dtype).reshape(-1), type=value_type), block.shape[1]
+        consume = lambda piece: digest.update(*_digest_columns(piece, column, id_column))  # noqa: E731
+        resumed, pending = resume(out, name, header, {**expect, "column": column,
+                                  "id_column": id_column}, reader, sink, consume)  # fmt: skip
+        stats.resumed += resumed
+        if bar is not None and resumed:
+            bar.update(resumed)
+        first = a + resumed
+        left = b - first - sum(len(p) for p in pending)
+
+        def texts() -> Iterator[Any]:
+            row = first
+            for piece in _chain(pending, reader, left):
+                consume(piece)
+                ids.append(
+                    piece.column(id_column)
+                    if id_column
+                    else pa.array(np.arange(row, row + len(piece), dtype=np.int64))
                 )
-                batch = pa.record_batch(
-                    [id_array, key_array, vec], names=[ID_COLUMN, KEY_COLUMN, VECTOR_COLUMN]
+                text = document_texts(piece, column)
+                # a non-string text gets a placeholder key: the encoder refuses its window anyway
+                plain = [t if isinstance(t, str) else "" for t in text.to_pylist()]
+                keys.append(pa.array(make_keys(fingerprint, plain), type=pa.binary(KEY_BYTES)))
+                row += len(piece)
+                yield text
+
+        update = None if bar is None else bar.update
+        for block in encoder.iter_encode(texts(), stats=stats, first_row=first, on_progress=update):
+            vec = pa.FixedSizeListArray.from_arrays(
+                pa.array(block.astype(np_dtype).reshape(-1), type=value_type), block.shape[1]
+            )
+            sink.write(
+                pa.record_batch(
+                    [_take_ids(ids, len(block)), _take_ids(keys, len(block)), vec],
+                    names=[ID_COLUMN, KEY_COLUMN, VECTOR_COLUMN],
                 )
-                if writer is None:
-                    writer = pa.ipc.new_file(sink, batch.schema)
-                writer.write_batch(batch)
-                if bar is not None:
-                    bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
-            if writer is None:
-                raise DataError(f"no rows in [{a}, {b})")
-            writer.close()
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+            )
+            if bar is not None:
+                bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
+        if sink.empty:
+            raise DataError(f"no rows in [{a}, {b})")
+        sink.finish(out / name)
+    except BaseException as exc:
+        sink.abort(
+            keep=isinstance(exc, KeyboardInterrupt)
+        )  # Ctrl-C: a rerun resumes, as after kill
         raise
     return {
         "file": name,
         "start": a,
         "end": b,
         "rows": b - a,
-        "bytes": final.stat().st_size,
-        "blake2b": _file_digest(final),
+        "bytes": (out / name).stat().st_size,
+        "blake2b": _file_digest(out / name),
         "input_xxh128": digest.hexdigest(),
     }
 
 
+def _chain(pending: list, reader: _RowReader, left: int) -> Iterator[Any]:
+    """The input pieces read back for a window that was not recovered, then the shard's rest."""
+    yield from pending
+    yield from reader.take(left)
+
+
 def _remove_stale_temps(out: Path, name: str) -> None:
-    """Temp files of this shard (or manifest) left by a killed process (whose pid is gone) are
-    removed."""
+    """Temp files of this manifest left by a killed process (whose pid is gone) are removed."""
+    from evalkit.jobs._partial import writer_alive
+
     for tmp in out.glob(f".{name}.tmp-*"):
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
+        if not writer_alive(tmp):
             tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            pass
 
 
 def _take_ids(ids: collections.deque, n: int) -> Any:
