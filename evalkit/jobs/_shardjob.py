@@ -62,12 +62,12 @@ class ShardJob:
         **source_options: Any,
     ) -> None:
         from evalkit.data import readers
-        from evalkit.embed.encoder import DEFAULT_WINDOW, EncodeStats
+        from evalkit.embed.encoder import EncodeStats
         from evalkit.jobs.precompute import (
-            _WINDOWS_PER_SHARD,
             _check_args,
             checked_input,
             input_fingerprint,
+            job_window,
         )
 
         self.t_start = time.perf_counter()
@@ -94,7 +94,7 @@ class ShardJob:
             "data": _absolute(data), "column": column, "id_column": id_column,
             "model": _absolute(model), "cache": _store_path(cache), "batch_size": batch_size,
             "dtype": dtype,
-            "window": window or min(DEFAULT_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD)),
+            "window": job_window(rows_per_shard, window),
             "prompt": prompt,
             "prompt_name": prompt_name, "normalize": normalize, "out": self.loc.label,
             "rows_per_shard": rows_per_shard, "source_options": dict(source_options),

@@ -87,6 +87,8 @@ def _connect(ray: Any, address: str | None) -> bool:
     if address:
         ray.init(address=address, **quiet)
         return True
+    # the cluster evalkit starts for itself: no usage-stats reporting (the user can still opt in)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(
         address="local",
         include_dashboard=False,
