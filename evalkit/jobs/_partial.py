@@ -6,12 +6,16 @@
    window, `"{rows} {end} {xxh3_128}\\n"`: its row count, the temp file's size once its batch is
    written, and a checksum of its id, key and embedding values (`window_checksum`). The batch is
    flushed and fsync'ed before its line is appended (then the line is fsync'ed), so a line never
-   names bytes that are not durable. `finish`: footer, fsync, `os.replace` into the shard's name,
-   journal deleted.
-2. Finding (`resume`): the temp files of this shard whose writer is gone (`writer_alive`: its pid
-   no longer runs; a live pid's files are never touched) are candidates; the one whose journal
-   header matches this run and lists the most rows is read, the files of every dead writer of
-   this shard are deleted once the recovered windows are durable in this run's temp file.
+   names bytes that are not durable. `finish`: footer, fsync, `os.replace` into the shard's name;
+   the journal stays until the manifest lists the shard (`forget`), so a kill between the rename
+   and the manifest's rewrite still finds every window (in the renamed file).
+2. Finding (`resume`): the journals of this shard whose writer is gone (`writer_alive`: its pid
+   no longer runs; a live pid's files are never touched) are candidates, each with its temp file,
+   or the shard's own file when the temp file was already renamed (the manifest, which is
+   rewritten after the rename, does not list it, or the shard would not be written again); the
+   one whose journal header matches this run and lists the most rows is read, the files of every
+   dead writer of this shard are deleted once the recovered windows are durable in this run's
+   temp file.
 3. Reading: an Arrow IPC file is 8 bytes of magic, then an IPC stream (schema, batches), then a
    footer; the bytes [8, end of the last journaled window) are read as a stream, batch by batch.
    A window counts while its journal line is whole (ends in a newline, three strict fields), its
@@ -54,6 +58,16 @@ from evalkit.embed.shards import ID_COLUMN, KEY_COLUMN, VECTOR_COLUMN, RowDigest
 logger = logging.getLogger(__name__)
 _LINE = re.compile(rb"(\d{1,12}) (\d{1,15}) ([0-9a-f]{32})\n")
 _MAGIC = 8  # "ARROW1" + 2 bytes of padding: the IPC stream starts after them
+_WINDOWS_PER_SHARD = 4  # windows per shard at least (one read-ahead, dedupe and write unit each)
+# At most this many rows per window: a window is what a kill can lose (its journal line is the
+# unit of resume), ~30 s of MiniLM on 2 CPU cores for short texts; large enough that
+# length-sorted batches of 64-256 pad little and per-window costs stay < 1%.
+JOB_WINDOW = 4096
+
+
+def job_window(rows_per_shard: int, window: int | None = None) -> int:
+    """The precompute job's window: `window` if given, else <= JOB_WINDOW and <= a quarter shard."""
+    return window or min(JOB_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
 
 
 def writer_alive(path: Path) -> bool:
@@ -118,8 +132,7 @@ class ShardFile:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.tmp, final)
-        self._jh.close()
-        self.journal.unlink(missing_ok=True)
+        self._jh.close()  # kept until the manifest lists the shard: `forget`
 
     def abort(self, keep: bool = False) -> None:
         """Close; delete the files unless `keep` (then a later process resumes from them, and
@@ -129,6 +142,15 @@ class ShardFile:
         if not keep:
             self.tmp.unlink(missing_ok=True)
             self.journal.unlink(missing_ok=True)
+
+
+def forget(out: Path, name: str) -> None:
+    """The manifest now lists shard `name`: delete its journals whose temp file is gone (renamed
+    into place). A journal beside a temp file belongs to a writer still at work, or to a dead
+    one that `resume` reads; neither is touched."""
+    for journal in out.glob(f".{name}.journal-*"):
+        if not journal.with_name(journal.name.replace(".journal-", ".tmp-", 1)).exists():
+            journal.unlink(missing_ok=True)
 
 
 def _dead_partials(out: Path, name: str) -> list[Path]:
@@ -247,10 +269,15 @@ def resume(
     warn = warned.append
     stale = _dead_partials(out, name)
     best, lines = None, []
-    for tmp in (p for p in stale if ".tmp-" in p.name):
-        got = _journal(tmp.with_name(tmp.name.replace(".tmp-", ".journal-", 1)), header, warn)
+    for journal in (p for p in stale if ".journal-" in p.name):
+        data = journal.with_name(journal.name.replace(".journal-", ".tmp-", 1))
+        if not data.exists():  # killed after the rename, before the manifest named the shard
+            data = out / name
+        if not data.is_file():
+            continue
+        got = _journal(journal, header, warn)
         if sum(n for n, _, _ in got) > sum(n for n, _, _ in lines):
-            best, lines = tmp, got
+            best, lines = data, got
     rows, pending = 0, []
     if best is not None:
         first = header["start"]

@@ -63,12 +63,8 @@ class ShardJob:
     ) -> None:
         from evalkit.data import readers
         from evalkit.embed.encoder import EncodeStats
-        from evalkit.jobs.precompute import (
-            _check_args,
-            checked_input,
-            input_fingerprint,
-            job_window,
-        )
+        from evalkit.jobs._partial import job_window
+        from evalkit.jobs.precompute import _check_args, checked_input, input_fingerprint
 
         self.t_start = time.perf_counter()
         if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -205,6 +201,10 @@ class ShardJob:
         self.manifest["shards"].append(entry)
         self.manifest["shards"].sort(key=lambda s: s["start"])
         self._save()
+        if not self.loc.remote:  # listed: the worker's journal of this shard is no longer needed
+            from evalkit.jobs._partial import forget
+
+            forget(self.loc.local, entry["file"])
         if self.bar is not None:
             self.bar.set_postfix(hits=self.stats.hits, misses=self.stats.misses, refresh=False)
 

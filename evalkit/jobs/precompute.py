@@ -64,18 +64,9 @@ from evalkit.embed.shards import (
 )
 from evalkit.errors import DataError, EvalkitError, FingerprintMismatchError, StoreError
 from evalkit.jobs._inputs import checked_input, input_fingerprint, read_columns  # noqa: F401
+from evalkit.jobs._partial import forget, job_window
 
 logger = logging.getLogger(__name__)
-_WINDOWS_PER_SHARD = 4  # windows per shard at least (one read-ahead, dedupe and write unit each)
-# At most this many rows per window: a window is what a kill can lose (its journal line is the
-# unit of resume, evalkit.jobs._partial), ~30 s of MiniLM on 2 CPU cores for short texts; large
-# enough that length-sorted batches of 64-256 pad little and per-window costs stay < 1%.
-JOB_WINDOW = 4096
-
-
-def job_window(rows_per_shard: int, window: int | None = None) -> int:
-    """The precompute job's window: `window` if given, else <= JOB_WINDOW and <= a quarter shard."""
-    return window or min(JOB_WINDOW, -(-rows_per_shard // _WINDOWS_PER_SHARD))
 
 
 class _RowReader:
@@ -242,6 +233,7 @@ def _encode_shards(out, manifest, encoder, batches, todo, cols, job, stats, prog
             manifest["shards"].append(entry)
             manifest["shards"].sort(key=lambda s: s["start"])
             _save(out, manifest, shard, plan, stats)
+            forget(out, entry["file"])  # listed: its journal is no longer needed
     finally:
         if bar is not None:
             bar.close()

@@ -381,3 +381,45 @@ def test_every_window_journaled_but_not_renamed(
     assert manifest["last_run"]["resumed_rows"] == PER_SHARD
     assert manifest["last_run"]["rows"] == ROWS - PER_SHARD
     assert _outputs(out) == reference["float32"]
+
+
+def test_killed_after_the_rename_before_the_manifest(
+    corpus, tiny_model_dir, reference, tmp_path, monkeypatch
+):
+    """Guards against: a shard renamed into place but not yet listed in the manifest (a kill
+    between the two) being encoded again from its first row: its journal outlives the rename, so
+    the rerun resumes every window from the renamed file."""
+    out = tmp_path / "out"
+    finish = _partial.ShardFile.finish
+
+    def dying_finish(self, final):
+        finish(self, final)
+        raise _Killed  # the process dies before the manifest is rewritten
+
+    with monkeypatch.context() as m:
+        m.setattr(_partial.ShardFile, "finish", dying_finish)
+        m.setattr(_partial.ShardFile, "abort", lambda self, keep=False: None)  # no cleanup: a kill
+        with pytest.raises(_Killed):
+            _run(corpus, out, tiny_model_dir)
+    assert (out / SHARD_1).exists() and not list(out.glob(f".{SHARD_1}.tmp-*"))
+    listed = load_manifest(out)["shards"] if (out / "manifest.json").exists() else []
+    assert not listed, "the manifest lists no shard yet"
+    dead = _dead_pid()
+    for path in out.glob(f".*-{os.getpid()}"):
+        path.rename(path.with_name(f"{path.name.rsplit('-', 1)[0]}-{dead}"))
+    manifest = _resume(corpus, out, tiny_model_dir)
+    assert manifest["last_run"]["resumed_rows"] == PER_SHARD
+    assert _outputs(out) == reference["float32"]
+
+
+def test_a_listed_shard_leaves_no_journal(corpus, tiny_model_dir, tmp_path):
+    """Guards against: journals piling up beside finished shards (the manifest lists them, so
+    they are deleted), while a journal beside a live writer's temp file is never touched."""
+    out = tmp_path / "out"
+    _run(corpus, out, tiny_model_dir)
+    assert not list(out.glob(".*journal-*"))
+    live = out / f".{SHARD_1}.journal-{os.getpid()}"
+    live.write_text("{}\n")
+    (out / f".{SHARD_1}.tmp-{os.getpid()}").write_bytes(b"")
+    _partial.forget(out, SHARD_1)
+    assert live.exists()
