@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from evalkit.errors import EvalkitError
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("evalkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if getattr(args, "quiet", False) or getattr(args, "no_progress", False):
+        # other libraries' bars too (transformers' "Loading weights"); huggingface_hub reads this
+        # when it is first imported, which the lazy CLI has not done yet
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = args.func(args)
     except EvalkitError as exc:

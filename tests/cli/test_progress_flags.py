@@ -42,3 +42,29 @@ def test_the_flagged_commands_are_the_long_running_ones():
     for name in ("convert", "encode", "train", "evaluate pairs", "evaluate retrieval",
                  "ann-check", "sweep", "compare"):  # fmt: skip
         assert name in flagged, f"{name} has no way to switch its progress bars off"
+
+
+def test_quiet_silences_other_libraries_bars(tiny_model_dir, tmp_path):
+    """Guards against: `--quiet` / `--no-progress` still printing transformers' "Loading weights"
+    bar (a script that wants a clean stderr gets progress noise)."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "pairs.csv"
+    data.write_text(
+        "a,b,score\nred apple,green apple,0.5\nblue sky,grey sky,0.7\nhot tea,iced tea,0.2\n"
+    )
+
+    def stderr(*flags: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+        cmd = [sys.executable, "-m", "evalkit", "evaluate", "pairs", str(data), "--left", "a",
+               "--right", "b", "--label", "score", "--model", str(tiny_model_dir), "--no-cache",
+               "--no-plots", *flags]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "Loading weights" in stderr(), "the bar this test silences is not drawn at all"
+    for flag in ("--quiet", "--no-progress"):
+        assert "Loading weights" not in stderr(flag), flag
