@@ -131,6 +131,11 @@ class Lookup:
         if self.store is None or n == 0:
             return None, found
         vecs: np.ndarray | None = None
+        if not self.pending:  # the common case: no window in flight, no per-key loop
+            ask = (
+                range(n) if not self.cold else [i for i, k in enumerate(keys) if k in self.written]
+            )
+            return self._ask(keys, ask, vecs, found)
         ask = []
         for i, key in enumerate(keys):
             vec = self.pending.get(key)
@@ -141,14 +146,25 @@ class Lookup:
                 found[i] = True
             elif not self.cold or key in self.written:
                 ask.append(i)
-        if ask:
-            got, ok = self.store.get_many([keys[i] for i in ask], dim=self.dim, model=self.fp)
-            if ok.any():
-                if vecs is None:
-                    vecs = np.zeros((n, got.shape[1]), dtype=np.float32)
-                idx = np.asarray(ask)[ok]
-                vecs[idx] = got[ok]
-                found[idx] = True
+        return self._ask(keys, ask, vecs, found)
+
+    def _ask(self, keys: list[bytes], ask: Sequence[int], vecs: np.ndarray | None, found):
+        """Look the keys at positions `ask` up in the store; fill `vecs` and `found`."""
+        if not len(ask):
+            return vecs, found
+        whole = len(ask) == len(keys)
+        got, ok = self.store.get_many(
+            keys if whole else [keys[i] for i in ask], dim=self.dim, model=self.fp
+        )
+        if whole and vecs is None:  # every key asked: the store's array is the answer
+            found[:] = ok
+            return (got if ok.any() else None), found
+        if ok.any():
+            if vecs is None:
+                vecs = np.zeros((len(keys), got.shape[1]), dtype=np.float32)
+            idx = np.asarray(ask)[ok]
+            vecs[idx] = got[ok]
+            found[idx] = True
         return vecs, found
 
     def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
