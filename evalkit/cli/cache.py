@@ -16,9 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Inspect and maintain the embedding store. Entries are keyed by (model fingerprint, "
             "text); nothing is ever evicted automatically, so use `clear` to free space. "
-            "`check` verifies every stored vector's checksum; `check --fix` rewrites damaged "
-            "segments without their bad rows (they are re-encoded on use). `clear` on a store "
-            "whose database is damaged deletes the store's files."
+            "`check` verifies every stored vector's checksum (and every cached plot's); "
+            "`check --fix` rewrites damaged segments without their bad rows (they are re-encoded "
+            "on use). `clear` (of every model) also removes the cached plots (the folder "
+            "<DIR>-plots); on a store whose database is damaged it deletes the store's files."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -92,6 +93,7 @@ def _print_info(info: dict) -> None:
 def _clear(args: argparse.Namespace, directory) -> int:
     from evalkit.embed._catalog import DamagedStoreError
     from evalkit.embed.store import EmbeddingStore, wipe
+    from evalkit.jobs import plotcache
 
     try:
         store = EmbeddingStore(directory, create=False)
@@ -106,7 +108,10 @@ def _clear(args: argparse.Namespace, directory) -> int:
             raise
         print(f"{directory}: the store's database was damaged; removed its {wipe(directory)} "
               f"file(s): the store starts empty")  # fmt: skip
+        plotcache.wipe(plotcache.folder_of(directory))
         return 0
+    if not args.model:  # cached plots are drawn from this store's vectors: they go with them
+        plotcache.wipe(plotcache.folder_of(store))
     model = f" of model {args.model}" if args.model else ""
     print(f"removed {removed} entries{model} from {store.directory}")
 
@@ -151,8 +156,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_info(info)
         return 0
-    problems = store.check(fix=args.fix)
-    remaining = store.check() if args.fix and problems else problems
+    from evalkit.jobs import plotcache
+
+    plots = plotcache.folder_of(store)
+
+    def check(fix: bool) -> list[str]:
+        return store.check(fix=fix) + plotcache.check(plots, fix=fix)
+
+    problems = check(args.fix)
+    remaining = check(False) if args.fix and problems else problems
     if args.json:
         report = {"directory": str(store.directory), "problems": problems, "fixed": args.fix,
                   "remaining": remaining}  # fmt: skip

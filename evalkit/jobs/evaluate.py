@@ -205,7 +205,7 @@ def evaluate_task(
         result["results_store"] = {"hit": False, "key": record["key"], "dir": str(store.directory)}
     result["per_query"] = per_item
     if out is not None and plots:
-        result["plots"] = _plots(task, result, hist, curve, out)
+        result["plots"] = _plots(task, result, hist, curve, out, encoder.store)
     return report.finish(result, out)
 
 
@@ -262,15 +262,18 @@ def _served(record, task, encoder, store, out, plots, t0) -> dict[str, Any]:
     logger.info("%s: from results store (key %s)", task.name, record["key"])
     curve = record.get("extra", {}).get("recall_curve")
     if out is not None and plots and (task.kind == "pairs" or curve is not None):
-        result["plots"] = _plots(task, result, None, curve, out)
+        result["plots"] = _plots(task, result, None, curve, out, encoder.store)
     return report.finish(result, out)
 
 
-def _plots(task, result, hist, curve, out) -> list[str]:
-    """The PNG plots of a result; a served pairs result redraws its histogram from per-pair rows."""
+def _plots(task, result, hist, curve, out, embeddings) -> list[str]:
+    """The PNG plots of a result; a served pairs result redraws its histogram from per-pair rows.
+    Plots drawn before are copied from the plot cache of the `embeddings` store."""
     import numpy as np
 
-    from evalkit.jobs import report
+    from evalkit.jobs import plotcache, report
+
+    cache = plotcache.folder_of(embeddings)
 
     metrics = result["metrics"]
     if task.kind == "pairs":
@@ -281,11 +284,13 @@ def _plots(task, result, hist, curve, out) -> list[str]:
             hist = ScoreHistogram()
             hist.update(table.column("cosine").to_numpy(), table.column("label").to_numpy())
         name = Path(str(task.data)).name
-        return report.pair_plots(hist, out, task=task.task, name=name, ap=metrics.get("cosine_ap"))
+        ap = metrics.get("cosine_ap")
+        return report.pair_plots(hist, out, task=task.task, name=name, ap=ap, cache=cache)
     score = result["model"]["similarity"]
     ks = result["k_values"]
     marks = {k: metrics[f"{score}_recall@{k}"] for k in ks if f"{score}_recall@{k}" in metrics}
-    return report.retrieval_plots(np.asarray(curve), out, dialect=task.dialect, marks=marks)
+    curve = np.asarray(curve)
+    return report.retrieval_plots(curve, out, dialect=task.dialect, marks=marks, cache=cache)
 
 
 def _run_pairs(task: PairsTask, encoder, target, index, progress, t0):

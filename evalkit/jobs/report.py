@@ -6,7 +6,9 @@ Algorithm:
 2) `write_report` then writes, each atomically (temp file in the same folder, then os.replace):
    metrics.json (the full result dict), summary.md (a short table), and the plots
    (score distribution per label, precision-recall curve, recall@k curve) with matplotlib's Agg
-   backend, imported only here so nothing else pays for it.
+   backend, imported only here so nothing else pays for it; a plot that drew the same values
+   before is copied from the plot cache beside the embedding store (`plotcache`), and then
+   matplotlib is not imported at all.
 3) `format_summary` gives the few lines the CLI prints.
 """
 
@@ -42,68 +44,92 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _drawn(path: Path, cache: Path | None, kind: str, values: list, draw) -> Path | None:
+    """Write the PNG `draw(plt) -> figure` makes to `path`, served from the plot cache when it
+    drew these `values` before (see evalkit.jobs.plotcache); None without matplotlib."""
     import io
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    from evalkit.jobs import plotcache
+
+    plot_key = plotcache.key(kind, values) if cache is not None else None
+    if plot_key is not None and (png := plotcache.get(cache, plot_key)) is not None:
+        return write_bytes_atomic(path, png)
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig = draw(plt)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    if plot_key is not None:
+        plotcache.put(cache, plot_key, buf.getvalue())
     return write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_score_distribution(
-    hist: ScoreHistogram, path: str | os.PathLike, *, title: str
+    hist: ScoreHistogram, path: str | os.PathLike, *, title: str, cache: Path | None = None
 ) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
     groups = [(label, c) for label, c in hist.groups() if c.sum() > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    if groups:
-        # merge the fine counting bins into display bins: ~2 sqrt(n) over the range in use
-        used = np.flatnonzero(sum(c for _, c in groups) > 0)
-        first, last = int(used[0]), int(used[-1]) + 1
-        smallest = min(int(c.sum()) for _, c in groups)
-        target = int(np.clip(2 * np.sqrt(smallest), 8, 60))
-        factor = max(1, -(-(last - first) // target))
-        starts = np.arange(first, last, factor)
-        edges = hist.edges[np.append(starts, min(starts[-1] + factor, hist.bins))]
-        for label, counts in groups:
-            merged = np.add.reduceat(counts, starts)[: len(starts)]
-            merged[-1] = counts[starts[-1] : last].sum()
-            density = merged / counts.sum() / np.diff(edges)
-            ax.stairs(density, edges, label=f"{label} (n={int(counts.sum())})", linewidth=1.4)
-        ax.set_xlim(edges[0], edges[-1])
-    ax.set_xlabel("cosine similarity")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    try:
-        return _save(fig, Path(path))
-    finally:
-        plt.close(fig)
+    values = [hist.edges, [(str(label), c) for label, c in groups], title]
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        if groups:
+            _stairs(ax, hist, groups)
+        ax.set_xlabel("cosine similarity")
+        ax.set_ylabel("density")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        return fig
+
+    return _drawn(Path(path), cache, "score_distribution", values, draw)
+
+
+def _stairs(ax, hist: ScoreHistogram, groups: list) -> None:
+    """One density outline per label, the fine counting bins merged into ~2 sqrt(n) display
+    bins over the range in use."""
+    used = np.flatnonzero(sum(c for _, c in groups) > 0)
+    first, last = int(used[0]), int(used[-1]) + 1
+    smallest = min(int(c.sum()) for _, c in groups)
+    target = int(np.clip(2 * np.sqrt(smallest), 8, 60))
+    factor = max(1, -(-(last - first) // target))
+    starts = np.arange(first, last, factor)
+    edges = hist.edges[np.append(starts, min(starts[-1] + factor, hist.bins))]
+    for label, counts in groups:
+        merged = np.add.reduceat(counts, starts)[: len(starts)]
+        merged[-1] = counts[starts[-1] : last].sum()
+        density = merged / counts.sum() / np.diff(edges)
+        ax.stairs(density, edges, label=f"{label} (n={int(counts.sum())})", linewidth=1.4)
+    ax.set_xlim(edges[0], edges[-1])
 
 
 def plot_precision_recall(
-    hist: ScoreHistogram, path: str | os.PathLike, *, title: str, ap: float | None = None
+    hist: ScoreHistogram,
+    path: str | os.PathLike,
+    *,
+    title: str,
+    ap: float | None = None,
+    cache: Path | None = None,
 ) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
     precision, recall = hist.precision_recall()
-    fig, ax = plt.subplots(figsize=(5.0, 4.5))
     label = f"AP = {ap:.4f}" if ap is not None else None
-    ax.plot(recall, precision, drawstyle="steps-post", label=label)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1.01)
-    ax.set_ylim(0, 1.01)
-    ax.set_title(title)
-    if label:
-        ax.legend(loc="lower left")
-    try:
-        return _save(fig, Path(path))
-    finally:
-        plt.close(fig)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5.0, 4.5))
+        ax.plot(recall, precision, drawstyle="steps-post", label=label)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(title)
+        if label:
+            ax.legend(loc="lower left")
+        return fig
+
+    values = [np.asarray(precision), np.asarray(recall), title, label]
+    return _drawn(Path(path), cache, "precision_recall", values, draw)
 
 
 def plot_recall_at_k(
@@ -112,33 +138,28 @@ def plot_recall_at_k(
     *,
     title: str,
     marks: Mapping[int, float] | None = None,
+    cache: Path | None = None,
 ) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
     ks = np.arange(1, len(curve) + 1)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    ax.plot(ks, curve, linewidth=1.5)
-    for k, value in sorted((marks or {}).items()):
-        ax.plot([k], [value], "o", color="C1")
-        ax.annotate(
-            f"@{k}: {value:.3f}",
-            (k, value),
-            textcoords="offset points",
-            xytext=(4, -12),
-            fontsize=8,
-        )
-    if len(ks) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("k")
-    ax.set_ylabel("recall@k")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    try:
-        return _save(fig, Path(path))
-    finally:
-        plt.close(fig)
+    points = sorted((int(k), float(v)) for k, v in (marks or {}).items())
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        ax.plot(ks, curve, linewidth=1.5)
+        for k, value in points:
+            ax.plot([k], [value], "o", color="C1")
+            ax.annotate(f"@{k}: {value:.3f}", (k, value), textcoords="offset points",
+                        xytext=(4, -12), fontsize=8)  # fmt: skip
+        if len(ks) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("k")
+        ax.set_ylabel("recall@k")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        return fig
+
+    return _drawn(Path(path), cache, "recall_at_k", [np.asarray(curve), points, title], draw)
 
 
 # ----------------------------------------------------------------------------- text outputs
@@ -250,31 +271,43 @@ def versions() -> dict[str, str]:
 
 
 def pair_plots(
-    hist: ScoreHistogram, out: str | os.PathLike, *, task: str, name: str, ap: float | None = None
+    hist: ScoreHistogram,
+    out: str | os.PathLike,
+    *,
+    task: str,
+    name: str,
+    ap: float | None = None,
+    cache: Path | None = None,
 ) -> list[str]:
-    """score_distribution.png (and precision_recall.png for classification) in `out`."""
+    """score_distribution.png (and precision_recall.png for classification) in `out`; `cache`:
+    the plot cache folder (evalkit.jobs.plotcache), None to always draw."""
     out = Path(out)
+    title = f"cosine by label: {name}"
     paths = [
-        plot_score_distribution(
-            hist, out / "score_distribution.png", title=f"cosine by label: {name}"
-        )
+        plot_score_distribution(hist, out / "score_distribution.png", title=title, cache=cache)
     ]
     if task == "classification":
+        title = f"precision-recall: {name}"
         paths.append(
             plot_precision_recall(
-                hist, out / "precision_recall.png", title=f"precision-recall: {name}", ap=ap
+                hist, out / "precision_recall.png", title=title, ap=ap, cache=cache
             )
         )
     return [str(p) for p in paths if p is not None]
 
 
 def retrieval_plots(
-    curve: np.ndarray, out: str | os.PathLike, *, dialect: str, marks: Mapping[int, float]
+    curve: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    dialect: str,
+    marks: Mapping[int, float],
+    cache: Path | None = None,
 ) -> list[str]:
-    """recall_at_k.png in `out`."""
-    path = plot_recall_at_k(
-        curve, Path(out) / "recall_at_k.png", title=f"recall@k ({dialect})", marks=marks
-    )
+    """recall_at_k.png in `out` (`cache`: as in pair_plots)."""
+    title = f"recall@k ({dialect})"
+    path = plot_recall_at_k(curve, Path(out) / "recall_at_k.png", title=title, marks=marks,
+                            cache=cache)  # fmt: skip
     return [str(path)] if path is not None else []
 
 
