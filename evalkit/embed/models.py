@@ -160,3 +160,29 @@ def runtime_meta(model: Any) -> dict[str, str]:
 
         meta["gpu"] = torch.cuda.get_device_name(device)
     return meta
+
+
+def length_order(model: Any, texts: list[str], prompt: str | None = None) -> list[int]:
+    """Indices of `texts`, longest first by TOKEN count (the model's tokenizer, with the prompt,
+    truncated at max_seq_length), ties by position; by character count when the model has no
+    callable tokenizer. SentenceTransformer.encode orders by characters: on WordNet glosses
+    that pads batches of 64 to 1.33x their tokens, token order to 1.04x (and CPU time follows
+    the padded tokens)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    lengths: list[int] | None = None
+    if callable(tokenizer) and texts:
+        limit = getattr(model, "max_seq_length", None)
+        try:
+            ids = tokenizer(
+                [prompt + t for t in texts] if prompt else texts,
+                truncation=limit is not None,
+                max_length=limit,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            lengths = [len(x) for x in ids]
+        except Exception:  # a tokenizer with another call signature: order by characters
+            lengths = None
+    if lengths is None:
+        lengths = [len(t) for t in texts]
+    return sorted(range(len(texts)), key=lambda i: -lengths[i])
