@@ -222,3 +222,20 @@ def test_memo_is_used_only_under_default_numerics(tmp_path, monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert memo.lookup("k2") is None and memo.lookup("k") == "fp"
+
+
+def test_misses_are_batched_by_token_count_and_equal_plain_encode(tiny_model):
+    """Guards against: batches ordered by characters (SentenceTransformer.encode's order), which
+    pad short-but-many-token texts with long-but-few-token ones; and against the per-batch calls
+    changing what is served (each row must equal plain encode's)."""
+    from evalkit.embed.models import length_order
+
+    texts = ["a b c d e f g h", "internationalization", "x", "a b c d e f g h i j k", "hello"]
+    tokens = [len(ids) for ids in tiny_model.tokenizer(texts)["input_ids"]]
+    order = length_order(tiny_model, texts)
+    assert [tokens[i] for i in order] == sorted(tokens, reverse=True)
+    assert order[:2] == [3, 0]  # 11 and 8 words: more tokens than the 20-letter word
+    assert length_order(object(), ["ab", "abc", "a"]) == [1, 0, 2]  # no tokenizer: characters
+    many = [f"{' '.join(['w'] * (i % 17))} text {i}" for i in range(150)]
+    got = encode_texts(many, tiny_model, batch_size=16).embeddings
+    np.testing.assert_allclose(got, tiny_model.encode(many, batch_size=16), atol=1e-5)
