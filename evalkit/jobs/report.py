@@ -44,11 +44,22 @@ def _pyplot():
     return plt
 
 
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG to `path` atomically (also used by the sweep and ANN reports)."""
+    return write_bytes_atomic(path, _png(fig))
+
+
 def _drawn(path: Path, cache: Path | None, kind: str, values: list, draw) -> Path | None:
     """Write the PNG `draw(plt) -> figure` makes to `path`, served from the plot cache when it
     drew these `values` before (see evalkit.jobs.plotcache); None without matplotlib."""
-    import io
-
     from evalkit.jobs import plotcache
 
     plot_key = plotcache.key(kind, values) if cache is not None else None
@@ -59,13 +70,12 @@ def _drawn(path: Path, cache: Path | None, kind: str, values: list, draw) -> Pat
         return None
     fig = draw(plt)
     try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        png = _png(fig)
     finally:
         plt.close(fig)
     if plot_key is not None:
-        plotcache.put(cache, plot_key, buf.getvalue())
-    return write_bytes_atomic(path, buf.getvalue())
+        plotcache.put(cache, plot_key, png)
+    return write_bytes_atomic(path, png)
 
 
 def plot_score_distribution(
