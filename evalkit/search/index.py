@@ -61,10 +61,11 @@ def _prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 
 def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
-    """The search settings worth sweeping for this index, cheapest first: nprobe 1, 2, 4, ... up
-    to nlist for IVF indexes (with an HNSW coarse quantizer, its efSearch at max(64, 2 nprobe);
-    behind an exact refine, its current k_factor_rf kept); efSearch from k up to 1024 for HNSW;
-    one setting for the rest."""
+    """The search settings worth sweeping for this index, cheapest first: nprobe 1, 2, 3, 4, 6,
+    8, 12, ... (powers of two and 1.5 times them) up to nlist for IVF indexes (with an HNSW
+    coarse quantizer, its efSearch at max(64, 2 nprobe); behind a refine stage, its current
+    k_factor_rf kept); efSearch from k up to 1024 for HNSW; one setting for the rest. The 1.5
+    steps matter to the tuned default: between nprobe 32 and 64 lies a third of the query time."""
     faiss = _faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -74,6 +75,8 @@ def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
         grid, p = [], 1
         while p < ivf.nlist:
             grid.append({"nprobe": p})
+            if p >= 2 and p + p // 2 < ivf.nlist:
+                grid.append({"nprobe": p + p // 2})
             p *= 2
         grid.append({"nprobe": int(ivf.nlist)})
         if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):

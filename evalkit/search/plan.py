@@ -2,10 +2,11 @@
 
 1) estimate each candidate's resident size (`estimate_bytes`): raw float32 vectors, HNSW links,
    IVF ids and centroids, PQ codes;
-2) walk the candidates in order (Flat under 100k rows; then IVF with an HNSW coarse quantizer,
-   4-bit fast-scan PQ codes and an exact refine of the best candidates, the fastest at high
-   recall on real sentence embeddings (scripts/bench_ann.py); HNSW32; IVF-Flat; OPQ+IVF-PQ with
-   the widest codes that fit) and take the first that fits the budget;
+2) walk the candidates in order (Flat under 100k rows; then IVF whose lists are found by a
+   4-bit fast-scan PQ over the centroids, 4-bit fast-scan PQ codes in the lists and an fp16
+   re-ranking of the best candidates, the fastest at recall@10 >= 0.95 on real sentence
+   embeddings (scripts/bench_ann.py, docs/design.md); HNSW32; IVF-Flat; OPQ+IVF-PQ with the
+   widest codes that fit) and take the first that fits the budget;
 3) return the factory string, default search parameters and the reason in one sentence.
 """
 
@@ -20,8 +21,9 @@ from evalkit.errors import EvalkitError
 FLAT_MAX_ROWS = 100_000  # auto choice: exact search below this many rows
 HNSW_MAX_ROWS = 20_000_000  # auto choice: HNSW graphs above this take too long to build
 HNSW_EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-REFINE_K_FACTOR = 8  # fast-scan PQ: exact re-ranking of 8 x k candidates
+REFINE_K_FACTOR = 8  # fast-scan PQ: re-ranking of 8 x k candidates (fewer lose recall@10)
 QUANTIZER_EF_MIN = 64  # efSearch of an HNSW coarse quantizer: at least this, and 2 x nprobe
+FASTSCAN_MIN_NLIST = 1024  # the centroids train the quantizer's 16-centroid PQ (>= 39 x 16 each)
 
 
 def fastscan_m(dim: int) -> int | None:
@@ -32,15 +34,26 @@ def fastscan_m(dim: int) -> int | None:
     return dim // 4
 
 
+def fastscan_nlist(rows: int) -> int | None:
+    """Inverted lists of the fast-scan IVF: the power of two nearest 2*sqrt(rows), at least
+    FASTSCAN_MIN_NLIST; None when the rows cannot train that many (39 per list).
+
+    Half of `ivf_nlist`'s 4*sqrt: the coarse step scans every centroid's 4-bit code, so its cost
+    grows with nlist while the lists' grows with rows/nlist; on 161,611 MiniLM vectors 1024 and
+    2048 lists cost the same per query at recall@10 0.955, 512 more (docs/design.md)."""
+    nlist = max(FASTSCAN_MIN_NLIST, 2 ** round(math.log2(2 * math.sqrt(max(rows, 1)))))
+    return nlist if nlist * 39 <= rows else None
+
+
+def fastscan_spec(nlist: int, m: int) -> str:
+    """The FAISS factory string of the fast-scan auto choice."""
+    return f"IVF{nlist}(PQ{m}x4fs),PQ{m}x4fs,Refine(SQfp16)"
+
+
 def fastscan_params(nlist: int, nprobe: int | None = None) -> dict[str, int]:
-    """Search settings of an IVF{nlist}_HNSW32,PQ{m}x4fs,RFlat index at `nprobe` (default
-    nlist / 32)."""
-    nprobe = nprobe or max(1, nlist // 32)
-    return {
-        "nprobe": nprobe,
-        "quantizer_efSearch": max(QUANTIZER_EF_MIN, 2 * nprobe),
-        "k_factor_rf": REFINE_K_FACTOR,
-    }
+    """Search settings of a `fastscan_spec(nlist, m)` index at `nprobe` (default nlist / 16;
+    `evalkit.search.tune` replaces it by the cheapest setting reaching its target)."""
+    return {"nprobe": nprobe or max(1, nlist // 16), "k_factor_rf": REFINE_K_FACTOR}
 
 
 def parse_size(text: str | int | float) -> int:
@@ -78,19 +91,20 @@ def ivf_nlist(rows: int) -> int:
 
 def estimate_bytes(kind: str, rows: int, dim: int, *, hnsw_m: int = 32, pq_m: int = 0) -> int:
     """Approximate resident size of an index: 'flat', 'hnsw', 'ivf_flat', 'ivf_pq' or 'ivf_fs'
-    (HNSW-quantized IVF, fast-scan PQ codes, raw vectors kept for refining) (+ 8-byte ids in
-    the lists for IVF)."""
+    (`fastscan_spec`: 4-bit codes of the centroids and of the rows, fp16 vectors kept for
+    re-ranking) (+ 8-byte ids in the lists for IVF)."""
     vectors = rows * dim * 4
     if kind == "flat":
         return vectors
     if kind == "hnsw":  # level-0 links (2M) + upper levels (~M/(M-1) more), int32 each
         return vectors + int(rows * hnsw_m * 2 * 4 * 1.05)
+    if kind == "ivf_fs":  # fp16 vectors (refine) + 4-bit codes + ids; centroid codes + codebooks
+        m = pq_m or fastscan_m(dim) or dim // 4
+        nlist = fastscan_nlist(rows) or FASTSCAN_MIN_NLIST
+        return rows * (dim * 2 + m // 2 + 8) + nlist * m // 2 + 2 * 16 * dim * 4
     nlist = ivf_nlist(rows)
     if kind == "ivf_flat":
         return vectors + rows * 8 + nlist * dim * 4
-    if kind == "ivf_fs":  # raw vectors (refine) + 4-bit codes + ids + centroids and their graph
-        m = pq_m or fastscan_m(dim) or dim // 4
-        return vectors + rows * (m // 2 + 8) + nlist * (dim * 4 + 32 * 2 * 4 * 2)
     if kind == "ivf_pq":  # codes + ids + centroids + OPQ matrix + PQ tables
         return rows * (pq_m + 8) + nlist * dim * 4 + dim * dim * 4 + 256 * dim * 4
     raise ValueError(kind)
@@ -111,10 +125,10 @@ def choose_index(rows: int, dim: int, memory_budget: str | int = "4G") -> IndexC
     """Pick an index from the row count, dimension and memory budget:
 
     * fewer than 100,000 rows: `Flat` (exact; scanning them is fast and loses nothing);
-    * when the raw vectors and 4-bit codes fit: `IVF{n}_HNSW32,PQ{d/4}x4fs,RFlat` (lists found
-      through an HNSW graph of the centroids, scanned as 4-bit codes with SIMD, the best 8 x k
-      re-ranked exactly): the most queries per second at recall@10 >= 0.95 on real sentence
-      embeddings (scripts/bench_ann.py);
+    * when fp16 vectors and 4-bit codes fit: `IVF{n}(PQ{d/4}x4fs),PQ{d/4}x4fs,Refine(SQfp16)`
+      with n ~ 2*sqrt(rows) (lists found by scanning 4-bit codes of the centroids, then scanned
+      as 4-bit codes with SIMD, the best 8 x k re-ranked on fp16 vectors): the most queries per
+      second at recall@10 >= 0.95 on real sentence embeddings (scripts/bench_ann.py);
     * up to 20M rows whose HNSW32 graph fits the budget: `HNSW32` (best recall per query time);
     * else `IVF{n},Flat` with n ~ 4*sqrt(rows) if the raw vectors fit;
     * else `OPQ{m},IVF{n},PQ{m}` with the most PQ bytes per vector that fit.
@@ -132,18 +146,18 @@ def choose_index(rows: int, dim: int, memory_budget: str | int = "4G") -> IndexC
             f"{size} is under {FLAT_MAX_ROWS:,} rows: exact search over {_fmt_bytes(flat)} is fast "
             "enough and loses nothing",
         )
-    m = fastscan_m(dim)
-    nlist = ivf_nlist(rows)
+    m, fs_nlist = fastscan_m(dim), fastscan_nlist(rows)
     fs = estimate_bytes("ivf_fs", rows, dim, pq_m=m or 0)
-    if m and fs <= budget:
+    if m and fs_nlist and fs <= budget:
         return IndexChoice(
-            f"IVF{nlist}_HNSW32,PQ{m}x4fs,RFlat",
-            fastscan_params(nlist),
+            fastscan_spec(fs_nlist, m),
+            fastscan_params(fs_nlist),
             fs,
-            f"{size}: {nlist} IVF lists found through an HNSW graph of their centroids, scanned "
-            f"as {m} 4-bit codes per vector with SIMD, the best {REFINE_K_FACTOR} x k re-ranked "
-            f"on the exact vectors (~{_fmt_bytes(fs)}, within the {_fmt_bytes(budget)} budget)",
+            f"{size}: {fs_nlist} IVF lists found by scanning 4-bit codes of their centroids, "
+            f"then scanned as {m} 4-bit codes per vector with SIMD, the best {REFINE_K_FACTOR} x k "
+            f"re-ranked on fp16 vectors (~{_fmt_bytes(fs)}, within the {_fmt_bytes(budget)} budget)",
         )
+    nlist = ivf_nlist(rows)
     hnsw = estimate_bytes("hnsw", rows, dim)
     if rows <= HNSW_MAX_ROWS and hnsw <= budget:
         return IndexChoice(

@@ -15,7 +15,15 @@ from _faiss_util import clustered, one_faiss_thread  # noqa: E402, F401
 
 from evalkit.search.build import build_index  # noqa: E402
 from evalkit.search.index import load_index, parameter_grid  # noqa: E402
-from evalkit.search.plan import choose_index, ivf_nlist, parse_size  # noqa: E402
+from evalkit.search.plan import (  # noqa: E402
+    choose_index,
+    estimate_bytes,
+    fastscan_m,
+    fastscan_nlist,
+    fastscan_spec,
+    ivf_nlist,
+    parse_size,
+)
 
 
 def brute_cosine(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +53,13 @@ def test_parse_size():
 
 def test_choose_index_follows_rows_dim_and_budget():
     assert choose_index(50_000, 384, "4G").spec == "Flat"
-    fs = choose_index(164_000, 384, "4G")  # the bench_ann figure: fast-scan PQ + exact refine
-    assert fs.spec == "IVF2048_HNSW32,PQ96x4fs,RFlat" and "budget" in fs.reason
-    assert fs.search_params == {"nprobe": 64, "quantizer_efSearch": 128, "k_factor_rf": 8}
+    fs = choose_index(164_000, 384, "4G")  # the bench_ann figure: fast-scan PQ + fp16 refine
+    assert fs.spec == "IVF1024(PQ96x4fs),PQ96x4fs,Refine(SQfp16)" and "budget" in fs.reason
+    assert fs.search_params == {"nprobe": 64, "k_factor_rf": 8}
+    assert fs.estimated_bytes < estimate_bytes("flat", 164_000, 384)  # fp16, not float32, copies
+    assert fastscan_nlist(1_000_000) == 2048 and fastscan_nlist(30_000) is None
+    # too few rows to train 1024 lists: never the fast-scan index, even when Flat does not fit
+    assert "(PQ" not in choose_index(30_000, 384, "40M").spec
     hnsw = choose_index(164_000, 385, "4G")  # 385 dims do not split into 4-bit sub-quantizers
     assert (
         hnsw.spec == "HNSW32" and "fits" in hnsw.reason and hnsw.search_params == {"efSearch": 64}
@@ -120,7 +132,7 @@ def test_integer_ids_and_missing_results(data):
 def test_parameter_grid(data):
     x, _ = data
     ivf = build_index(x, spec="IVF16,Flat").index
-    assert parameter_grid(ivf) == [{"nprobe": n} for n in (1, 2, 4, 8, 16)]
+    assert parameter_grid(ivf) == [{"nprobe": n} for n in (1, 2, 3, 4, 6, 8, 12, 16)]
     hnsw = build_index(x[:200], spec="HNSW8").index
     assert parameter_grid(hnsw, k=20)[0] == {"efSearch": 24}
     assert parameter_grid(build_index(x[:50], spec="Flat").index) == [{}]
@@ -130,17 +142,44 @@ def test_parameter_grid(data):
     assert grid[-1] == {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 1}
 
 
-def test_fast_scan_refine_index_searches_and_reloads(data, tmp_path):
-    """Guards the auto choice's index kind end to end: its settings apply, survive a save and a
-    memory-mapped reload, and at full probing its results are the exact top-k."""
+@pytest.mark.parametrize(
+    "spec,params",
+    [  # the auto choice's kind, and the earlier one (an HNSW coarse quantizer) given by hand
+        (fastscan_spec(16, fastscan_m(16)), {"nprobe": 16, "k_factor_rf": 64}),
+        ("IVF16_HNSW32,PQ8x4fs,RFlat", {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 64}),
+    ],
+)
+def test_fast_scan_refine_index_searches_and_reloads(data, tmp_path, spec, params):
+    """Guards the fast-scan index kinds end to end: their settings apply, survive a save and a
+    memory-mapped reload, and at full probing their results are the exact top-k."""
     x, _ = data
-    built = build_index(x, spec="IVF16_HNSW32,PQ8x4fs,RFlat", out=tmp_path / "fs")
+    built = build_index(x, spec=spec, out=tmp_path / "fs")
     idx = load_index(tmp_path / "fs")
-    params = {"nprobe": 16, "quantizer_efSearch": 64, "k_factor_rf": 64}
     _, got = idx.search(x[:20], 5, params=params)
     _, want = build_index(x, spec="Flat").search(x[:20], 5)
     assert (got == want).mean() > 0.99
-    assert built.meta["search_params"] == parameter_grid(built.index)[2]
+    grid = parameter_grid(built.index)
+    assert built.meta["search_params"] == grid[len(grid) // 2]
+
+
+def test_auto_fast_scan_choice_is_built_tuned_and_reaches_its_recall(monkeypatch, tmp_path):
+    """Guards the auto choice above 100k rows (scaled down): it builds the fast-scan spec, tunes
+    its default on sampled rows, and that default reaches recall@10 >= 0.95 on queries that are
+    not corpus rows (here nprobe 4 gives 0.93 and no re-ranking 0.82: such a default fails)."""
+    import evalkit.search.plan as plan
+
+    monkeypatch.setattr(plan, "FLAT_MAX_ROWS", 100)
+    monkeypatch.setattr(plan, "FASTSCAN_MIN_NLIST", 16)
+    x = clustered(6000, 32, seed=1, centers=600)
+    built = build_index(x, spec=None, out=tmp_path / "auto")
+    assert built.spec == fastscan_spec(128, 8)  # 2*sqrt(6000) ~ 155 -> 128 lists
+    assert built.meta["tuned"]["chosen"]["recall@10"] >= 0.96
+    idx = load_index(tmp_path / "auto")
+    assert idx.meta["search_params"] == built.meta["tuned"]["chosen"]["params"]
+    q = x[:300] + 0.05 * np.random.default_rng(2).standard_normal((300, 32)).astype(np.float32)
+    _, got = idx.search(q, 10)
+    _, want = brute_cosine(x, q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)]) >= 0.95
 
 
 def test_auto_choice_recorded_in_sidecar(tmp_path, data):
