@@ -61,11 +61,12 @@ def _prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 
 def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
-    """The search settings worth sweeping for this index, cheapest first: nprobe 1, 2, 3, 4, 6,
-    8, 12, ... (powers of two and 1.5 times them) up to nlist for IVF indexes (with an HNSW
-    coarse quantizer, its efSearch at max(64, 2 nprobe); behind a refine stage, its current
-    k_factor_rf kept); efSearch from k up to 1024 for HNSW; one setting for the rest. The 1.5
-    steps matter to the tuned default: between nprobe 32 and 64 lies a third of the query time."""
+    """The search settings worth sweeping for this index, cheapest first: nprobe 1, 2, 3, 4, 5,
+    6, 7, 8, 10, 12, 14, 16, 20, ... (each power of two p >= 4, then 1.25p, 1.5p, 1.75p) up to
+    nlist for IVF indexes (with an HNSW coarse quantizer, its efSearch at max(64, 2 nprobe);
+    behind a refine stage, its current k_factor_rf kept); efSearch from k up to 1024 for HNSW;
+    one setting for the rest. The quarter steps matter to the tuned default: nprobe 64 -> 128
+    doubles the query time, and on real data the target is often met in between."""
     faiss = _faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -74,9 +75,8 @@ def parameter_grid(index: Any, k: int = 10) -> list[dict[str, int]]:
     if ivf is not None:
         grid, p = [], 1
         while p < ivf.nlist:
-            grid.append({"nprobe": p})
-            if p >= 2 and p + p // 2 < ivf.nlist:
-                grid.append({"nprobe": p + p // 2})
+            steps = (p, p + p // 4, p + p // 2, p + 3 * p // 4) if p >= 4 else (p, p + p // 2)
+            grid.extend({"nprobe": n} for n in dict.fromkeys(steps) if n < ivf.nlist)
             p *= 2
         grid.append({"nprobe": int(ivf.nlist)})
         if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):

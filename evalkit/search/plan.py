@@ -35,14 +35,14 @@ def fastscan_m(dim: int) -> int | None:
 
 
 def fastscan_nlist(rows: int) -> int | None:
-    """Inverted lists of the fast-scan IVF: the power of two nearest 2*sqrt(rows), at least
-    FASTSCAN_MIN_NLIST; None when the rows cannot train that many (39 per list).
+    """Inverted lists of the fast-scan IVF: `ivf_nlist(rows)` (~4*sqrt(rows)), or None when
+    that is under FASTSCAN_MIN_NLIST (the rows cannot train that many lists).
 
-    Half of `ivf_nlist`'s 4*sqrt: the coarse step scans every centroid's 4-bit code, so its cost
-    grows with nlist while the lists' grows with rows/nlist; on 161,611 MiniLM vectors 1024 and
-    2048 lists cost the same per query at recall@10 0.955, 512 more (docs/design.md)."""
-    nlist = max(FASTSCAN_MIN_NLIST, 2 ** round(math.log2(2 * math.sqrt(max(rows, 1)))))
-    return nlist if nlist * 39 <= rows else None
+    On 161,611 MiniLM vectors (scripts/bench_ann.py), 2048 lists reach recall@10 0.956 with
+    fewer codes scanned than 1024 (nprobe 80 x ~79 codes vs 56 x ~158) while scanning 2048
+    centroid codes costs ~16 us per query; 512 lists need more codes still."""
+    nlist = ivf_nlist(rows)
+    return nlist if nlist >= FASTSCAN_MIN_NLIST else None
 
 
 def fastscan_spec(nlist: int, m: int) -> str:
@@ -126,7 +126,7 @@ def choose_index(rows: int, dim: int, memory_budget: str | int = "4G") -> IndexC
 
     * fewer than 100,000 rows: `Flat` (exact; scanning them is fast and loses nothing);
     * when fp16 vectors and 4-bit codes fit: `IVF{n}(PQ{d/4}x4fs),PQ{d/4}x4fs,Refine(SQfp16)`
-      with n ~ 2*sqrt(rows) (lists found by scanning 4-bit codes of the centroids, then scanned
+      with n ~ 4*sqrt(rows) (lists found by scanning 4-bit codes of the centroids, then scanned
       as 4-bit codes with SIMD, the best 8 x k re-ranked on fp16 vectors): the most queries per
       second at recall@10 >= 0.95 on real sentence embeddings (scripts/bench_ann.py);
     * up to 20M rows whose HNSW32 graph fits the budget: `HNSW32` (best recall per query time);

@@ -54,10 +54,10 @@ def test_parse_size():
 def test_choose_index_follows_rows_dim_and_budget():
     assert choose_index(50_000, 384, "4G").spec == "Flat"
     fs = choose_index(164_000, 384, "4G")  # the bench_ann figure: fast-scan PQ + fp16 refine
-    assert fs.spec == "IVF1024(PQ96x4fs),PQ96x4fs,Refine(SQfp16)" and "budget" in fs.reason
-    assert fs.search_params == {"nprobe": 64, "k_factor_rf": 8}
+    assert fs.spec == "IVF2048(PQ96x4fs),PQ96x4fs,Refine(SQfp16)" and "budget" in fs.reason
+    assert fs.search_params == {"nprobe": 128, "k_factor_rf": 8}
     assert fs.estimated_bytes < estimate_bytes("flat", 164_000, 384)  # fp16, not float32, copies
-    assert fastscan_nlist(1_000_000) == 2048 and fastscan_nlist(30_000) is None
+    assert fastscan_nlist(1_000_000) == 4096 and fastscan_nlist(30_000) is None
     # too few rows to train 1024 lists: never the fast-scan index, even when Flat does not fit
     assert "(PQ" not in choose_index(30_000, 384, "40M").spec
     hnsw = choose_index(164_000, 385, "4G")  # 385 dims do not split into 4-bit sub-quantizers
@@ -132,7 +132,7 @@ def test_integer_ids_and_missing_results(data):
 def test_parameter_grid(data):
     x, _ = data
     ivf = build_index(x, spec="IVF16,Flat").index
-    assert parameter_grid(ivf) == [{"nprobe": n} for n in (1, 2, 3, 4, 6, 8, 12, 16)]
+    assert parameter_grid(ivf) == [{"nprobe": n} for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)]
     hnsw = build_index(x[:200], spec="HNSW8").index
     assert parameter_grid(hnsw, k=20)[0] == {"efSearch": 24}
     assert parameter_grid(build_index(x[:50], spec="Flat").index) == [{}]
@@ -172,7 +172,7 @@ def test_auto_fast_scan_choice_is_built_tuned_and_reaches_its_recall(monkeypatch
     monkeypatch.setattr(plan, "FASTSCAN_MIN_NLIST", 16)
     x = clustered(6000, 32, seed=1, centers=600)
     built = build_index(x, spec=None, out=tmp_path / "auto")
-    assert built.spec == fastscan_spec(128, 8)  # 2*sqrt(6000) ~ 155 -> 128 lists
+    assert built.spec == fastscan_spec(128, 8)  # 4*sqrt(6000) ~ 310 -> 256, halved to 39 rows a list
     assert built.meta["tuned"]["chosen"]["recall@10"] >= 0.96
     idx = load_index(tmp_path / "auto")
     assert idx.meta["search_params"] == built.meta["tuned"]["chosen"]["params"]
