@@ -172,7 +172,7 @@ def test_auto_fast_scan_choice_is_built_tuned_and_reaches_its_recall(monkeypatch
     monkeypatch.setattr(plan, "FASTSCAN_MIN_NLIST", 16)
     x = clustered(6000, 32, seed=1, centers=600)
     built = build_index(x, spec=None, out=tmp_path / "auto")
-    assert built.spec == fastscan_spec(128, 8)  # 4*sqrt(6000) ~ 310 -> 256, halved to 39 rows a list
+    assert built.spec == fastscan_spec(128, 8)  # 4*sqrt(6000) ~ 310 -> 256 -> 128 (39 rows/list)
     assert built.meta["tuned"]["chosen"]["recall@10"] >= 0.96
     idx = load_index(tmp_path / "auto")
     assert idx.meta["search_params"] == built.meta["tuned"]["chosen"]["params"]
