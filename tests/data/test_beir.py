@@ -272,3 +272,65 @@ def test_byte_order_mark_and_bad_utf8_read_as_the_line_reader_reads_them(tmp_pat
     _line_by_line(monkeypatch)
     path.write_bytes(b'\xef\xbb\xbf{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
     assert list(beir.iter_corpus(path)) == fast
+
+
+@pytest.mark.parametrize("size", [1, 17, 4096, 1 << 20])
+def test_pieces_are_whole_lines_covering_the_file(tmp_path, size):
+    """Guards the piece cutter of the fast JSON path: pieces that split a record, drop or repeat
+    bytes, or lose a last line without a newline would parse as garbage or lose documents."""
+    docs = _docs(200)
+    docs[50]["text"] = "long " * 3000  # a record longer than the smaller piece sizes
+    path = _write_lines(tmp_path / "c.jsonl", docs, blank_every=11)
+    data = path.read_bytes() + b'{"_id": "last", "text": "no newline"}'
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        pieces = list(_arrow_json._pieces(f, size))
+    assert b"".join(pieces) == data
+    assert all(p.endswith(b"\n") for p in pieces[:-1])
+    longest = max(len(line) + 1 for line in data.split(b"\n"))
+    assert max(len(p) for p in pieces) <= size + longest  # bounded: a piece and one record
+
+
+def test_json_fast_path_parses_bounded_pieces(tmp_path, monkeypatch):
+    """Guards the bounded memory of reading a corpus.jsonl: pyarrow's streaming reader kept
+    ~the file's size of RssAnon (+140-190 MB on a 128 MB corpus); every parse must see at most
+    about ARROW_BLOCK bytes plus one record, however large the file, and give the same batches
+    as the line-by-line reader at several piece sizes."""
+    import pyarrow.json as pj
+
+    path = _write_lines(tmp_path / "c.jsonl", _docs(3000), blank_every=13)
+    seen: list[int] = []
+    real = pj.read_json
+
+    def spy(source, **kwargs):
+        seen.append(source.size)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(pj, "read_json", spy)
+    answers = []
+    for block in (300, 4096, 65536, 1 << 20):
+        monkeypatch.setattr(_arrow_json, "ARROW_BLOCK", block)
+        seen.clear()
+        answers.append(list(beir.iter_corpus(path, batch_size=256)))
+        longest = max(len(line) for line in path.read_bytes().split(b"\n")) + 1
+        assert seen and max(seen) <= block + longest
+        if block < path.stat().st_size // 4:
+            assert len(seen) >= path.stat().st_size // (block + longest)  # many pieces
+    _line_by_line(monkeypatch)
+    reference = list(beir.iter_corpus(path, batch_size=256))
+    assert all(a == reference for a in answers)
+
+
+def test_bad_utf8_after_many_pieces_names_its_line(tmp_path, monkeypatch):
+    """Guards the per-piece UTF-8 check: an invalid byte far into the file, after batches were
+    already yielded from earlier pieces, is still refused with its line (never parsed, never
+    skipped), by iter_corpus and by the ids-only pass."""
+    monkeypatch.setattr(_arrow_json, "ARROW_BLOCK", 512)
+    path = _write_lines(tmp_path / "c.jsonl", _docs(400))
+    lines = path.read_bytes().split(b"\n")
+    lines[300] = lines[300].replace(b'"text": "', b'"text": "\xff', 1)
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"c\.jsonl:301: not valid UTF-8"):
+        list(beir.iter_corpus(path, batch_size=64))
+    with pytest.raises(DataError, match=r"c\.jsonl:301: not valid UTF-8"):
+        beir.count_corpus(path)
