@@ -202,6 +202,8 @@ class Lookup:
 
 
 def check_texts(texts: Sequence[Any], first_row: int) -> None:
+    if set(map(type, texts)) <= {str}:  # the common case, checked at C speed
+        return
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             kind = "null" if text is None else f"a {type(text).__name__}, not a string"
@@ -210,6 +212,9 @@ def check_texts(texts: Sequence[Any], first_row: int) -> None:
 
 def dedupe(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Unique texts in first-seen order, and each input's index into them."""
+    unique = dict.fromkeys(texts)
+    if len(unique) == len(texts):  # no duplicate (the common case): the identity, at C speed
+        return list(unique), np.arange(len(texts), dtype=np.int64)
     index: dict[str, int] = {}
     inverse = np.fromiter(
         (index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts)

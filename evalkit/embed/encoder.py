@@ -370,15 +370,18 @@ class StreamingEncoder:
             new = self._encode_misses([uniq[i] for i in miss], on_progress)
             if self.precision == "float16":  # serve exactly what the store serves later
                 new = new.astype(np.float16).astype(np.float32)
-            if vecs is None:
-                vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
-            vecs[miss] = new
+            if self.store is None:
+                vecs = new  # every unique text, in order; nothing else holds this array
+            else:
+                if vecs is None:
+                    vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
+                vecs[miss] = new
             if self.store is not None:
                 self._get_lookup().put([keys[i] for i in miss], new)
         if vecs is None:  # empty window
             vecs = np.zeros((0, self._dim or 0), dtype=np.float32)
         self._tally(len(texts_w), int(found.sum()), len(miss), extra)
-        return vecs[inverse]
+        return vecs if len(uniq) == len(texts_w) else vecs[inverse]  # no duplicate: in order
 
     # ------------------------------------------------------------------------------- reports
 
