@@ -322,7 +322,7 @@ def count_corpus(path: str | os.PathLike, **source_options: Any) -> CorpusIdSet:
     def hash_all(batches):
         hashes = array("q")
         for ids, _ in batches:
-            hashes.extend(hash(i) for i in ids)
+            hashes.extend(map(hash, ids))
         return hashes
 
     hashes = _over_ids(path, hash_all, **source_options)

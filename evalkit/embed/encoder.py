@@ -361,27 +361,24 @@ class StreamingEncoder:
         self.model  # noqa: B018 - loads the model and confirms a memoised fingerprint
         uniq, inverse = dedupe(texts_w)
         vecs, found = None, np.zeros(len(uniq), dtype=bool)
-        keys: list[bytes] = []
-        if self.store is not None:
+        if self.store is not None:  # (keys are only needed with a store)
             keys = make_keys(self.fingerprint, uniq)
             vecs, found = self._get_lookup().get(keys)
         miss = np.flatnonzero(~found)
         if len(miss):
-            new = self._encode_misses([uniq[i] for i in miss], on_progress)
+            todo = uniq if len(miss) == len(uniq) else [uniq[i] for i in miss]
+            new = self._encode_misses(todo, on_progress)
             if self.precision == "float16":  # serve exactly what the store serves later
                 new = new.astype(np.float16).astype(np.float32)
             if self.store is None:
-                vecs = new  # every unique text, in order; nothing else holds this array
+                vecs = new  # fresh, in order: served as is when no text repeats (no copy)
             else:
-                if vecs is None:
-                    vecs = np.zeros((len(uniq), new.shape[1]), dtype=np.float32)
+                vecs = np.zeros((len(uniq), new.shape[1]), np.float32) if vecs is None else vecs
                 vecs[miss] = new
-            if self.store is not None:
                 self._get_lookup().put([keys[i] for i in miss], new)
-        if vecs is None:  # empty window
-            vecs = np.zeros((0, self._dim or 0), dtype=np.float32)
+        vecs = np.zeros((0, self._dim or 0), np.float32) if vecs is None else vecs  # empty window
         self._tally(len(texts_w), int(found.sum()), len(miss), extra)
-        return vecs if len(uniq) == len(texts_w) else vecs[inverse]  # no duplicate: in order
+        return vecs if self.store is None and len(uniq) == len(texts_w) else vecs[inverse]
 
     # ------------------------------------------------------------------------------- reports
 

@@ -209,7 +209,7 @@ def retrieval_pass(
             model_fingerprint=encoder.fingerprint,
         )
     t_search = time.perf_counter() - t
-    ranked = [[str(d) for d in row if str(d) != ""] for row in np.asarray(top_ids)]
+    ranked = [[d for d in map(str, row) if d != ""] for row in np.asarray(top_ids).tolist()]
     scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]
     metric.update(list(query_ids), ranked, scores)
     metrics = _average(metric, dialect)
