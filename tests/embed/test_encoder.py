@@ -239,3 +239,26 @@ def test_misses_are_batched_by_token_count_and_equal_plain_encode(tiny_model):
     many = [f"{' '.join(['w'] * (i % 17))} text {i}" for i in range(150)]
     got = encode_texts(many, tiny_model, batch_size=16).embeddings
     np.testing.assert_allclose(got, tiny_model.encode(many, batch_size=16), atol=1e-5)
+
+
+def test_window_fast_paths_match_the_general_ones():
+    """Guards the C-speed fast paths of the encoder's window plumbing: de-duplication of unique
+    texts must give the identity (and with duplicates the first-seen order and indices), the
+    type check must still accept str subclasses and refuse a non-string with its row (a wrong
+    index would pair texts with the wrong vectors)."""
+    from evalkit.embed._window import check_texts, dedupe
+    from evalkit.errors import DataError
+
+    uniq, inverse = dedupe(["b", "a", "c"])
+    assert uniq == ["b", "a", "c"] and inverse.tolist() == [0, 1, 2]
+    uniq, inverse = dedupe(["b", "a", "b", "c", "a"])
+    assert uniq == ["b", "a", "c"] and inverse.tolist() == [0, 1, 0, 2, 1]
+
+    class Text(str):
+        pass
+
+    check_texts(["x", Text("y")], 0)
+    with pytest.raises(DataError, match="text at row 12 is null"):
+        check_texts(["x", "y", None], 10)
+    with pytest.raises(DataError, match="text at row 11 is a int"):
+        check_texts(["x", 5], 10)
