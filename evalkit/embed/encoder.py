@@ -320,11 +320,11 @@ class StreamingEncoder:
         import torch
 
         model = self.model
-        order = length_order(model, texts, self._prompt)
+        order = np.asarray(length_order(model, texts, self._prompt), dtype=np.int64)
         out: np.ndarray | None = None
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            args = (model, [texts[i] for i in idx], self.batch_size, self._prompt)
+            args = (model, [texts[i] for i in idx.tolist()], self.batch_size, self._prompt)
             if self.amp_dtype is not None:
                 with torch.autocast("cuda", dtype=self.amp_dtype):
                     emb = self._encode_slice(*args)

@@ -183,6 +183,9 @@ def length_order(model: Any, texts: list[str], prompt: str | None = None) -> lis
             lengths = [len(x) for x in ids]
         except Exception:  # a tokenizer with another call signature: order by characters
             lengths = None
+    import numpy as np
+
     if lengths is None:
-        lengths = [len(t) for t in texts]
-    return sorted(range(len(texts)), key=lambda i: -lengths[i])
+        lengths = list(map(len, texts))
+    # = sorted(range(n), key=lambda i: -lengths[i]): both stable, numpy's without a Python key
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
