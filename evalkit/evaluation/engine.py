@@ -185,6 +185,7 @@ def retrieval_pass(
             for doc_ids, texts in corpus_batches:
                 vectors = texts if precomputed else encoder.encode(texts)
                 yield np.asarray(doc_ids, dtype=str), vectors
+                vectors = None  # freed before the next block is encoded: one block alive
                 bar.update(len(doc_ids))
 
     t = time.perf_counter()

@@ -246,6 +246,7 @@ def exact_search(
         row += len(v_in)
         if bar is not None:
             bar.update(len(v_in))
+        vectors = v_in = sl = None  # freed before the next block is made: one block alive
     if bar is not None:
         bar.close()
     if not tops:
