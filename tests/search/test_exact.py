@@ -291,3 +291,34 @@ def test_huge_dot_products_fall_back_to_exact_scoring():
     want_s, want_i = _float64_answer(queries, vectors, ids, 7, "dot", out=np.float64)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_s, want_s, rtol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 500])
+def test_only_one_corpus_block_is_alive_at_a_time(block):
+    """Guards the bounded memory of the search loop: when the next corpus block is requested,
+    the previous block's vectors must already be unreferenced (the loop kept them alive while
+    the next block was encoded: two blocks of vectors in memory, +25 MB at 16,384 x 384); and
+    the answer must equal the in-memory search over the whole corpus at every block size."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((9, 16)).astype(np.float32)
+    ids = np.array([f"d{i:03d}" for i in range(500)])
+    alive: list[weakref.ref] = []
+    leaked = []
+
+    def blocks():
+        for s in range(0, len(corpus), block):
+            gc.collect()
+            leaked.append(sum(r() is not None for r in alive))
+            vectors = corpus[s : s + block].copy()  # a fresh array per block, as an encoder makes
+            alive.append(weakref.ref(vectors))
+            yield ids[s : s + block], vectors
+            vectors = None
+
+    scores, got = exact_search(queries, blocks(), 10)
+    assert max(leaked) == 0, leaked
+    ref_scores, ref_ids = exact_search(queries, [(ids, corpus)], 10)
+    assert (got == ref_ids).all() and (scores == ref_scores).all()
