@@ -8,8 +8,8 @@ For each window of `window` input texts (read ahead by a background thread):
    then in the store; a cold store (nothing for this fingerprint at the start) is only asked
    for keys this run wrote itself, so an empty store costs nothing;
 3. encode the misses with `SentenceTransformer.encode`, longest first by token count, one call
-   per batch of `batch_size` (encode() itself sorts by characters, which pads glosses' batches
-   to 1.33x their tokens; token order to 1.04x); on CUDA under autocast (bfloat16 where
+   per batch (encode() sorts by characters: glosses' batches padded to 1.33x their tokens, vs
+   1.04x; no tokenizer: by characters, ~1,024 texts a call); on CUDA under autocast (bfloat16 where
    supported, else float16), on CPU in float32;
 4. hand the new vectors to a background writer thread (one `put_many` transaction per window,
    overlapping the next window's encoding);
@@ -19,8 +19,7 @@ For each window of `window` input texts (read ahead by a background thread):
 misses, duplicates, seconds, model load time) of everything it encoded. Given a model folder
 instead of a loaded model it loads the model only on the first store miss: the fingerprint memo
 (`evalkit.embed.memo`) gives the fingerprint of an unchanged folder, so a run whose texts are
-all in the store never imports torch. `iter_encode`/`encode_texts` wrap one encoder for one
-input.
+all in the store never imports torch. `iter_encode`/`encode_texts` wrap one encoder per input.
 
 Whether a text hits depends only on the texts before it, not on timing, so an interrupted run
 resumed over the same store reproduces the uninterrupted run's bytes. Tokenisation (once to order,
@@ -314,16 +313,18 @@ class StreamingEncoder:
             s.fingerprint, s.dim = self._fingerprint or s.fingerprint, self._dim
 
     def _encode_misses(self, texts: list[str], on_progress: Any) -> np.ndarray:
-        """Encode in token-length order (longest first, `models.length_order`), one
-        SentenceTransformer.encode call per batch: encode() would re-sort a longer slice by
-        characters and pad each batch to its longest text again."""
+        """Longest first (`models.length_order`): by tokens, one encode() call per batch (it
+        re-sorts a longer slice by characters); by characters (no tokenizer), encode()'s own
+        order, so ~1,024 texts a call, cut at whole batches (progress within a window)."""
         import torch
 
         model = self.model
-        order = np.asarray(length_order(model, texts, self._prompt), dtype=np.int64)
+        order, by_tokens = length_order(model, texts, self._prompt)
+        order = np.asarray(order, dtype=np.int64)
+        step = self.batch_size * (1 if by_tokens else max(1, 1024 // self.batch_size))
         out: np.ndarray | None = None
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
             args = (model, [texts[i] for i in idx.tolist()], self.batch_size, self._prompt)
             if self.amp_dtype is not None:
                 with torch.autocast("cuda", dtype=self.amp_dtype):

@@ -162,12 +162,14 @@ def runtime_meta(model: Any) -> dict[str, str]:
     return meta
 
 
-def length_order(model: Any, texts: list[str], prompt: str | None = None) -> list[int]:
-    """Indices of `texts`, longest first by TOKEN count (the model's tokenizer, with the prompt,
-    truncated at max_seq_length), ties by position; by character count when the model has no
-    callable tokenizer. SentenceTransformer.encode orders by characters: on WordNet glosses
-    that pads batches of 64 to 1.33x their tokens, token order to 1.04x (and CPU time follows
-    the padded tokens)."""
+def length_order(model: Any, texts: list[str], prompt: str | None = None) -> tuple[list[int], bool]:
+    """(indices of `texts` longest first, whether by TOKEN count): the model's tokenizer, with
+    the prompt, truncated at max_seq_length, ties by position; by character count (False) when
+    the model has no callable tokenizer. SentenceTransformer.encode orders by characters: on
+    WordNet glosses that pads batches of 64 to 1.33x their tokens, token order to 1.04x (and CPU
+    time follows the padded tokens)."""
+    import numpy as np
+
     tokenizer = getattr(model, "tokenizer", None)
     lengths: list[int] | None = None
     if callable(tokenizer) and texts:
@@ -183,9 +185,8 @@ def length_order(model: Any, texts: list[str], prompt: str | None = None) -> lis
             lengths = [len(x) for x in ids]
         except Exception:  # a tokenizer with another call signature: order by characters
             lengths = None
-    import numpy as np
-
+    by_tokens = lengths is not None
     if lengths is None:
         lengths = list(map(len, texts))
     # = sorted(range(n), key=lambda i: -lengths[i]): both stable, numpy's without a Python key
-    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist(), by_tokens

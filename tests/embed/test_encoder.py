@@ -232,13 +232,32 @@ def test_misses_are_batched_by_token_count_and_equal_plain_encode(tiny_model):
 
     texts = ["a b c d e f g h", "internationalization", "x", "a b c d e f g h i j k", "hello"]
     tokens = [len(ids) for ids in tiny_model.tokenizer(texts)["input_ids"]]
-    order = length_order(tiny_model, texts)
-    assert [tokens[i] for i in order] == sorted(tokens, reverse=True)
+    order, by_tokens = length_order(tiny_model, texts)
+    assert by_tokens and [tokens[i] for i in order] == sorted(tokens, reverse=True)
     assert order[:2] == [3, 0]  # 11 and 8 words: more tokens than the 20-letter word
-    assert length_order(object(), ["ab", "abc", "a"]) == [1, 0, 2]  # no tokenizer: characters
+    # no tokenizer: characters
+    assert length_order(object(), ["ab", "abc", "a"]) == ([1, 0, 2], False)
     many = [f"{' '.join(['w'] * (i % 17))} text {i}" for i in range(150)]
     got = encode_texts(many, tiny_model, batch_size=16).embeddings
     np.testing.assert_allclose(got, tiny_model.encode(many, batch_size=16), atol=1e-5)
+
+
+@pytest.mark.parametrize("by_tokens, calls", [(True, 10), (False, 1)])
+def test_encode_calls_per_order(tiny_model, monkeypatch, by_tokens, calls):
+    """Token order needs one encode() call per batch (encode() re-sorts by characters); an order
+    by characters is encode()'s own, so it goes in slices of ~1,024 texts (per-call overhead
+    dominated cheap models: +10% on precomputed vectors at 100k documents)."""
+    from evalkit.embed import encoder as enc
+
+    seen = []
+    real = enc.StreamingEncoder._encode_slice
+    monkeypatch.setattr(enc, "length_order", lambda m, t, p: (list(range(len(t))), by_tokens))
+    monkeypatch.setattr(enc.StreamingEncoder, "_encode_slice",
+                        lambda self, *a: seen.append(len(a[1])) or real(self, *a))  # fmt: skip
+    texts = [f"text {i}" for i in range(150)]
+    got = encode_texts(texts, tiny_model, batch_size=16).embeddings
+    assert len(seen) == calls and sum(seen) == 150
+    np.testing.assert_allclose(got, tiny_model.encode(texts, batch_size=16), atol=1e-5)
 
 
 def test_window_fast_paths_match_the_general_ones():
