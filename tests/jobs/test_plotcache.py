@@ -83,7 +83,7 @@ def test_an_unwritable_cache_only_costs_the_cache(tmp_path):
 
 
 def test_evaluate_serves_plots_from_the_store_folder(
-    stsb_small, tiny_model_dir, tmp_path, monkeypatch
+    stsb_dev_small, tiny_model_dir, tmp_path, monkeypatch
 ):
     """A second `evaluate pairs` (results store bypassed) copies its PNG from the plot cache of
     the embedding store, byte-identical, without importing matplotlib."""
@@ -93,22 +93,22 @@ def test_evaluate_serves_plots_from_the_store_folder(
     kw = dict(left="sentence1", right="sentence2", label="score", model=tiny_model_dir,
               column_names=["sentence1", "sentence2", "score"], progress=False,
               cache=tmp_path / "cache", results=False)  # fmt: skip
-    evaluate_pairs(stsb_small, out=tmp_path / "one", **kw)
+    evaluate_pairs(stsb_dev_small, out=tmp_path / "one", **kw)
     assert len(list(plotcache.folder_of(tmp_path / "cache").glob("*.png"))) == 1
     _no_matplotlib(monkeypatch)
-    second = evaluate_pairs(stsb_small, out=tmp_path / "two", **kw)
+    second = evaluate_pairs(stsb_dev_small, out=tmp_path / "two", **kw)
     png = "score_distribution.png"
     assert (tmp_path / "two" / png).read_bytes() == (tmp_path / "one" / png).read_bytes()
     assert second["plots"] == [str(tmp_path / "two" / png)]
 
 
-def test_cache_check_and_clear_cover_plots(stsb_small, tiny_model_dir, tmp_path, capsys):
+def test_cache_check_and_clear_cover_plots(stsb_dev_small, tiny_model_dir, tmp_path, capsys):
     """Guards against: `cache check` passing a damaged cached plot, `clear` leaving plots."""
     from evalkit.jobs.evaluate import evaluate_pairs
 
     store = tmp_path / "cache"
     evaluate_pairs(
-        stsb_small, left="sentence1", right="sentence2", label="score", model=tiny_model_dir,
+        stsb_dev_small, left="sentence1", right="sentence2", label="score", model=tiny_model_dir,
         column_names=["sentence1", "sentence2", "score"], progress=False, cache=store,
         results=False, out=tmp_path / "out",
     )  # fmt: skip
@@ -124,11 +124,3 @@ def test_cache_check_and_clear_cover_plots(stsb_small, tiny_model_dir, tmp_path,
                                    cache=plotcache.folder_of(store))  # fmt: skip
     assert main(["cache", "clear", "--cache", str(store)]) == 0
     assert not plotcache.folder_of(store).exists()
-
-
-@pytest.fixture(scope="module")
-def stsb_small(shared_data, tmp_path_factory):
-    lines = (shared_data / "stsb" / "stsb-en-test.csv").read_text(encoding="utf-8").splitlines(True)
-    path = tmp_path_factory.mktemp("stsb") / "stsb-small.csv"
-    path.write_text("".join(lines[:60]), encoding="utf-8")
-    return path
