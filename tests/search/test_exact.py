@@ -299,7 +299,6 @@ def test_only_one_corpus_block_is_alive_at_a_time(block):
     the previous block's vectors must already be unreferenced (the loop kept them alive while
     the next block was encoded: two blocks of vectors in memory, +25 MB at 16,384 x 384); and
     the answer must equal the in-memory search over the whole corpus at every block size."""
-    import gc
     import weakref
 
     rng = np.random.default_rng(3)
@@ -311,7 +310,8 @@ def test_only_one_corpus_block_is_alive_at_a_time(block):
 
     def blocks():
         for s in range(0, len(corpus), block):
-            gc.collect()
+            # no gc.collect(): a block must be freed by its last reference going, not by a
+            # collection (a full one per block also took minutes inside a long test session)
             leaked.append(sum(r() is not None for r in alive))
             vectors = corpus[s : s + block].copy()  # a fresh array per block, as an encoder makes
             alive.append(weakref.ref(vectors))
