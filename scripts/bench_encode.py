@@ -5,29 +5,37 @@ Real texts (WordNet glosses), the packaged all-MiniLM-L6-v2 on CPU, one batch si
 
 1. cold, unique texts: the first --n distinct glosses (no duplicate anywhere, so within-window
    de-duplication cannot help), cut into --runs parts (>= 5); run r times `model.encode(part_r)`
-   (plain) and `evalkit.encode_texts(part_r, store=<a new empty store>)` (cold) back to back, the
-   order alternating every run; cold_ratio = median over runs of plain_r / cold_r (1.0 = no
-   overhead);
+   (plain) and `evalkit.encode_texts(part_r, store=<one store for all parts>)` (cold: the parts
+   are disjoint, so the store holds none of part r, only the parts before it, which evalkit
+   still looks up) back to back, the order alternating every run; cold_ratio = median over runs
+   of plain_r / cold_r (1.0 = no overhead);
 2. de-duplication's gain, reported apart: the same on the first --dupes-n glosses as they come
    (WordNet repeats some glosses): dedupe_gain = its median ratio / the unique-text ratio;
 3. a half-filled store: each part's store is first given a random half of the part (untimed);
    evalkit then encodes the whole part against it (reading the half it has, encoding the rest)
    and plain encodes only the missing half: half_ratio = median of plain_r / evalkit_r; it
    prices the lookups and the mixed windows, not the texts already stored;
-4. warm: every part again through its store (all hits, every row's checksum verified):
-   warm_speedup = plain / warm time.
+4. warm: the --n texts re-encoded in one `encode_texts` call through the cold runs' store (all
+   hits, every row's checksum verified, the vectors checked equal to the cold ones), 5 times;
+   warm_speedup = plain's total time over the 5 parts / the median warm call. Each call is what
+   a user's re-encode costs: a full fingerprint of the model's weights, 20,000 keys hashed, looked
+   up and verified. Before timing, evalkit's first call with a store goes through a scratch
+   store (one-time imports), as plain's first call is warmed up too. (Until 2026-12 this re-ran
+   the 5 parts through 5 stores: 5 encoders, so 5 fingerprints, for one re-encode.)
 Raw store read throughput is measured fairly (1M-entry store, cold processes, unseen keys) by
 `scripts/bench_store.py`, not here.
 
 The last line is `cold_ratio=X half_filled_ratio=Y dedupe_gain=Z warm_speedup=W`; exit 1 when
-cold_ratio < 1.0 or half_filled_ratio < 0.98.
+cold_ratio < 1.0, half_filled_ratio < 0.98 or warm_speedup < 1000.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -62,8 +70,11 @@ def parts_of(texts: list[str], runs: int) -> list[list[str]]:
     return [texts[i * len(texts) // runs : (i + 1) * len(texts) // runs] for i in range(runs)]
 
 
-def paired_ratios(parts, model, batch_size: int, tmp: Path, tag: str, prefill: bool = False):
-    """Per part: (plain seconds, evalkit seconds, evalkit's store); the order alternates."""
+def paired_ratios(
+    parts, model, batch_size: int, tmp: Path, tag: str, prefill: bool = False, shared: bool = False
+):
+    """Per part: (plain seconds, evalkit seconds, evalkit's vectors); the order alternates.
+    `shared`: one store for every part (else one each)."""
     import numpy as np
 
     from evalkit.embed.encoder import encode_texts
@@ -71,7 +82,7 @@ def paired_ratios(parts, model, batch_size: int, tmp: Path, tag: str, prefill: b
 
     out = []
     for r, part in enumerate(parts):
-        store = EmbeddingStore(tmp / f"{tag}{r}")
+        store = EmbeddingStore(tmp / (tag if shared else f"{tag}{r}"))  # closed below
         plain_texts = part
         if prefill:  # a random half already stored; plain encodes only the other half
             pick = set(random.Random(r).sample(range(len(part)), len(part) // 2))
@@ -88,7 +99,8 @@ def paired_ratios(parts, model, batch_size: int, tmp: Path, tag: str, prefill: b
         if not prefill:  # evalkit must serve what plain computes
             diff = float(np.abs(res.embeddings - ref).max())
             assert diff < 1e-4, f"evalkit and plain vectors differ by {diff}"
-        out.append((secs["plain"], secs["evalkit"], store))
+        store.close()
+        out.append((secs["plain"], secs["evalkit"], res.embeddings))
         print(
             f"  {tag} run {r}: plain {len(plain_texts)} texts {secs['plain']:.1f} s, evalkit "
             f"{len(part)} texts ({res.misses} encoded) {secs['evalkit']:.1f} s: "
@@ -126,11 +138,14 @@ def main() -> int:
     model = load_model(args.model, device="cpu")
     print(f"batch_size={args.batch_size} torch_threads={torch.get_num_threads()} {machine_line()}")
     model.encode(unique[:64], batch_size=args.batch_size)  # warm up kernels
-    encode_texts(unique[:64], model, batch_size=args.batch_size)  # and evalkit's first call
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # stores, models: GBs
+    for _ in range(2):  # and evalkit's first calls, without a store and with one (then warm)
+        encode_texts(unique[:64], model, batch_size=args.batch_size)
+        encode_texts(unique[:64], model, store=tmp / "scratch", batch_size=args.batch_size)
 
     parts = parts_of(unique, args.runs)
-    cold = paired_ratios(parts, model, args.batch_size, tmp, "cold")
+    cold = paired_ratios(parts, model, args.batch_size, tmp, "cold", shared=True)
     cold_ratio = float(np.median([p / e for p, e, _ in cold]))
     dupes = paired_ratios(parts_of(as_they_come, args.runs), model, args.batch_size, tmp, "dupes")
     dupes_ratio = float(np.median([p / e for p, e, _ in dupes]))
@@ -140,13 +155,16 @@ def main() -> int:
     )
     half_ratio = float(np.median([p / e for p, e, _ in half]))
 
-    stores = [s for _, _, s in cold]
-    t0 = time.perf_counter()
-    hits = sum(
-        encode_texts(part, model, store=stores[r], batch_size=args.batch_size).hits
-        for r, part in enumerate(parts)
-    )
-    warm_s = time.perf_counter() - t0
+    warm_runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        warm = encode_texts(unique, model, store=tmp / "cold", batch_size=args.batch_size)
+        warm_runs.append(time.perf_counter() - t0)
+        if warm.hits != len(unique) or not np.array_equal(
+            warm.embeddings, np.concatenate([v for _, _, v in cold])
+        ):
+            sys.exit("warm: the store did not serve the cold run's vectors for every text")
+    warm_s = float(np.median(warm_runs))
     plain_s = sum(p for p, _, _ in cold)
     print(f"cold, {len(unique):,} distinct texts: median plain/evalkit {cold_ratio:.3f}")
     print(
@@ -154,9 +172,16 @@ def main() -> int:
         f"{dupes_ratio:.3f}; de-duplication's gain {dupes_ratio / cold_ratio:.3f}x"
     )
     print(f"half-filled store, {len(half_texts):,} texts: median {half_ratio:.3f}")
-    print(f"warm: {len(unique)} texts in {warm_s:.2f} s ({hits} hits); plain took {plain_s:.1f} s")
-    ok = cold_ratio >= 1.0 and half_ratio >= 0.98
-    print(f"targets: cold_ratio >= 1.0 and half_filled_ratio >= 0.98: {'PASS' if ok else 'FAIL'}")
+    print(
+        f"warm: {len(unique)} texts, all hits, median {warm_s * 1e3:.1f} ms of "
+        + ", ".join(f"{t * 1e3:.1f}" for t in warm_runs)
+        + f"; plain took {plain_s:.1f} s"
+    )
+    ok = cold_ratio >= 1.0 and half_ratio >= 0.98 and plain_s / warm_s >= 1000
+    print(
+        "targets: cold_ratio >= 1.0, half_filled_ratio >= 0.98, warm_speedup >= 1000: "
+        + ("PASS" if ok else "FAIL")
+    )
     print(
         f"cold_ratio={cold_ratio:.3f} half_filled_ratio={half_ratio:.3f} "
         f"dedupe_gain={dupes_ratio / cold_ratio:.3f} warm_speedup={plain_s / warm_s:.1f}"

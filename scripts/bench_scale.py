@@ -22,8 +22,10 @@ output differs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,6 +134,8 @@ def main() -> int:
     from evalkit.embed.models import resolve_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # stores, models: GBs
     data = write_input(args.rows, tmp)
     models = {}
     for name in args.models.split(","):

@@ -25,9 +25,11 @@ The last line is `ratio_vs_st_minilm=X ratio_vs_st_tiny=Y ratio_mmap_vs_list=Z`;
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -171,6 +173,8 @@ def main() -> int:
     from evalkit.embed.models import resolve_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # stores, models: GBs
     arrow = tmp / "train.arrow"
     convert(args.data, arrow, column_names=["sentence1", "sentence2", "score"], progress=False)
     with open(args.data, newline="", encoding="utf-8") as f:

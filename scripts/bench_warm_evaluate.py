@@ -24,8 +24,10 @@ The last line is `warm_evaluate_s=X peer_s=Y speedup=Z max_abs_diff=D`; exit 1 w
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,6 +100,7 @@ def main() -> int:
 
     print(machine_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-warm-eval-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # stores, models: GBs
     first = run_evalkit(args.data, work, 0)  # untimed: fills the store and the plot cache
     peer_first = run_peer(args.data)  # untimed: page cache, .pyc files
     print(f"untimed first runs done (evalkit encoded {first['cache']['misses']} texts)")

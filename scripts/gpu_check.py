@@ -19,10 +19,12 @@ The JSON holds every figure and a "checks" map of pass/fail; exit 1 when a check
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -251,6 +253,7 @@ def main() -> int:
     glosses = pq.read_table(carry / "data" / "glosses.parquet").column("text").to_pylist()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="evalkit-gpu-check-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # stores, models: GBs
     per = 25 if dry else 5000
     glosses_table = pq.read_table(carry / "data" / "glosses.parquet")
     pq.write_table(glosses_table.slice(0, per * 4), tmp / "g.parquet")
