@@ -57,6 +57,7 @@ from evalkit.embed._segments import (
     KEY_BYTES,
     Segment,
     SegmentError,
+    huge_pages_fit,
     key_matrix,
     parse_header,
     prefixes,
@@ -264,7 +265,7 @@ class EmbeddingStore:
         for _attempt in range(3):
             with cat.sqlite_errors(self.directory):
                 rows = cat.segment_rows(con or self._con, model)
-            out, vanished = [], False
+            out, opened, vanished = [], [], False
             for row in rows:
                 tag, seg = self._segments_open.get(row.filename, (None, None))
                 if seg is None or seg.header != row.header:
@@ -278,7 +279,11 @@ class EmbeddingStore:
                         continue
                     with self._lock:
                         self._segments_open[row.filename] = (row.tag, seg)
+                    opened.append(seg)
                 out.append(seg)
+            if opened and huge_pages_fit(sum(s.file_size for s in out)):
+                for seg in opened:
+                    seg.hint_huge_pages()
             if not vanished:
                 break
         else:

@@ -291,3 +291,57 @@ def test_opening_a_store_another_process_is_creating(tmp_path):
     assert store.count() == 0
     store.put_many(make_keys("fp", ["a"]), _vectors(1), model="fp")
     assert store.get_many(make_keys("fp", ["a"]))[1].all()
+
+
+def test_huge_page_hint_only_when_the_store_fits_in_half_the_memory(tmp_path, monkeypatch):
+    """Guards the 2 MiB page-cache hint (MADV_HUGEPAGE): given to segments a read opens when the
+    store fits in half the memory, never to a larger one (a random read of it would pull 2 MiB per
+    vector), and never changing a vector served, even when the kernel refuses it."""
+    from evalkit.embed import _segments
+
+    assert _segments.huge_pages_fit(1 << 20) and not _segments.huge_pages_fit(0)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert _segments.huge_pages_fit(memory // 2) and not _segments.huge_pages_fit(memory // 2 + 1)
+
+    keys = make_keys("m", [f"t{i}" for i in range(2000)])
+    vecs = _vectors(2000, dim=384)  # 3.1 MB of records: more than one 2 MiB folio
+    with EmbeddingStore(tmp_path / "s") as store:
+        store.put_many(keys, vecs, model="m")
+    hinted: list[str] = []
+    real = _segments.Segment.hint_huge_pages
+
+    def spy(seg):
+        hinted.append(seg.path.name)
+        return real(seg)
+
+    monkeypatch.setattr(_segments.Segment, "hint_huge_pages", spy)
+    for fits in (True, False):
+        hinted.clear()
+        monkeypatch.setattr("evalkit.embed.store.huge_pages_fit", lambda total, f=fits: f)
+        with EmbeddingStore(tmp_path / "s") as store:
+            got, found = store.get_many(keys, dim=384)
+            store.get_many(keys[:5], dim=384)  # segments already open: no second hint
+        assert found.all() and np.array_equal(got, vecs)
+        assert len(hinted) == (1 if fits else 0), hinted
+
+    class Refusing:  # a kernel without THP for files: madvise fails with EINVAL
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def madvise(self, advice):
+            raise OSError(22, "Invalid argument")
+
+    with EmbeddingStore(tmp_path / "s") as store:
+        path = segment_path(store, "m")
+    seg = _segments.Segment(path)
+    assert isinstance(real(seg), bool)
+    seg._map = Refusing(seg._map)
+    assert real(seg) is False  # refused: no error, and the rows read as before
+    rows = seg.rows(np.arange(seg.count))
+    by_key = dict(zip(keys, vecs, strict=True))
+    stored = seg.vectors(rows)
+    assert seg.verify(rows).all() and seg.count == len(keys)
+    assert all(np.array_equal(stored[i], by_key[bytes(rows[i, :16])]) for i in range(seg.count))
