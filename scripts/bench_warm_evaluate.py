@@ -17,6 +17,11 @@ STS-B test (1,379 pairs, ../shared/data), the packaged all-MiniLM-L6-v2 on CPU, 
    median wall seconds of each, and their ratio;
 4. evalkit's spearman_cosine must equal the peer's within 1e-6.
 
+The environment counts: when pandas is installed (evalkit's `hf` extra and `make dev` bring it,
+through `datasets`; `make install` does not), `import pyarrow.dataset` imports it as it starts
+(pyarrow checks whether `True` is a pandas array), ~0.25 s of evalkit's wall here. The first line
+says which case a run measured; run it with each venv's python to see both.
+
 The last line is `warm_evaluate_s=X peer_s=Y speedup=Z max_abs_diff=D`; exit 1 when X > 0.6 s
 (issue 13's target) or D > 1e-6.
 """
@@ -96,9 +101,13 @@ def main() -> int:
         parser.error("--runs must be >= 5")
     if not args.data.is_file():
         sys.exit(f"{args.data} not found (set EVALKIT_SHARED_DATA)")
+    import importlib.util
+
     from _bench_common import machine_line, median
 
-    print(machine_line(), flush=True)
+    pandas = importlib.util.find_spec("pandas") is not None
+    print(f"{machine_line()}; pandas installed: {'yes' if pandas else 'no'} "
+          f"({sys.executable})", flush=True)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="bench-warm-eval-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # stores, models: GBs
     first = run_evalkit(args.data, work, 0)  # untimed: fills the store and the plot cache
