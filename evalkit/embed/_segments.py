@@ -94,15 +94,33 @@ def parse_header(head: bytes) -> tuple[str, int, int, bytes]:
     return NAME_OF[code], dim, count, digest
 
 
-def huge_pages_fit(total_bytes: int) -> bool:
-    """Whether segments of `total_bytes` in all fit in half the machine's memory: then a 2 MiB
-    read-around per fault is read once and stays cached; a store larger than that, read at
-    random, would read (and evict) 2 MiB per vector fetched."""
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_bytes(limits: Sequence[str] = CGROUP_LIMITS) -> int | None:
+    """The memory this process may fill: physical memory, or its container's cgroup limit (v2,
+    else v1) when lower - the page cache is charged to the cgroup. None when unknown."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no sysconf names: no hint
-        return False
-    return 0 < total_bytes <= memory // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf names
+        return None
+    for path in limits:
+        try:
+            with open(path, encoding="ascii") as fh:
+                text = fh.read().strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit():  # "max" (v2) or a huge number (v1) when unlimited
+            memory = min(memory, int(text))
+    return memory
+
+
+def huge_pages_fit(total_bytes: int) -> bool:
+    """Whether segments of `total_bytes` in all fit in half the memory this process may fill:
+    then a 2 MiB read-around per fault is read once and stays cached; a store larger than that,
+    read at random, would read (and evict) 2 MiB per vector fetched."""
+    memory = memory_bytes()
+    return memory is not None and 0 < total_bytes <= memory // 2
 
 
 def row_bytes(dtype: str, dim: int) -> int:

@@ -300,8 +300,15 @@ def test_huge_page_hint_only_when_the_store_fits_in_half_the_memory(tmp_path, mo
     from evalkit.embed import _segments
 
     assert _segments.huge_pages_fit(1 << 20) and not _segments.huge_pages_fit(0)
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = _segments.memory_bytes()
+    assert 0 < memory <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert _segments.huge_pages_fit(memory // 2) and not _segments.huge_pages_fit(memory // 2 + 1)
+    # a container's cgroup limit (v2 "max" = none; v1 a number) caps it; unreadable files don't
+    (tmp_path / "v2").write_text("max\n")
+    (tmp_path / "v1").write_text("1073741824\n")
+    limits = [str(tmp_path / "v2"), str(tmp_path / "v1"), str(tmp_path / "absent")]
+    assert _segments.memory_bytes(limits) == min(memory, 1 << 30)
+    assert _segments.memory_bytes(limits[:1]) == _segments.memory_bytes(limits[2:])
 
     keys = make_keys("m", [f"t{i}" for i in range(2000)])
     vecs = _vectors(2000, dim=384)  # 3.1 MB of records: more than one 2 MiB folio
