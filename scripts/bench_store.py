@@ -130,6 +130,9 @@ def peer_get_many(con, keys: list[bytes], dim: int) -> tuple[np.ndarray, np.ndar
 def page_cache(args: argparse.Namespace, systems: list[str]) -> None:
     """Put both stores in the page cache the same way (see the module docstring)."""
     files = [p for s in systems for p in sorted((args.dir / s).rglob("*")) if p.is_file()]
+    if not hasattr(os, "posix_fadvise"):  # not Linux: the OS keeps its own page-cache state
+        print("page cache: left as it is (no posix_fadvise here)", flush=True)
+        return
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
