@@ -322,3 +322,23 @@ def test_only_one_corpus_block_is_alive_at_a_time(block):
     assert max(leaked) == 0, leaked
     ref_scores, ref_ids = exact_search(queries, [(ids, corpus)], 10)
     assert (got == ref_ids).all() and (scores == ref_scores).all()
+
+
+@pytest.mark.parametrize("shape", [(1000, 16384), (17, 3392), (5, 65), (3, 7), (1, 1), (0, 5)])
+@pytest.mark.parametrize("density", [0.0, 0.0005, 0.05, 1.0])
+def test_the_candidate_mask_scan_equals_numpys_nonzero(shape, density):
+    """Guards the word-at-a-time scan that finds candidate pairs: a missed or extra position
+    would drop a true top-k hit or rescore a wrong pair. It must equal np.nonzero in content
+    and order, for sparse and dense masks and lengths that are not a multiple of 64."""
+    from evalkit.search import _bounded
+
+    rng = np.random.default_rng(shape[0] * 7 + int(density * 1e4))
+    mask = rng.random(shape) < density
+    if mask.size:
+        mask.flat[-1] = True  # a hit in the tail past the last whole 64-byte group
+    got = _bounded._nonzero(mask)
+    want = np.nonzero(mask)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    view = mask[:, : max(1, shape[1] // 2)]  # a non-contiguous view is scanned as its copy
+    got, want = _bounded._nonzero(view), np.nonzero(view)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
