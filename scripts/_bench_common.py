@@ -106,9 +106,9 @@ def minilm_embeddings(
     `cache/minilm-<fingerprint>-<texts digest>.npy` is read when present (memory-mapped);
     otherwise the texts go through evalkit's encoder with the store in `cache/store` (texts
     encoded by an earlier run are read from it) and the snapshot is written."""
-    from evalkit.embed.encoder import encode_texts
     from evalkit.embed.fingerprint import model_fingerprint
     from evalkit.embed.models import load_model
+    from evalkit.embed.oneshot import encode_texts
     from evalkit.embed.store import EmbeddingStore
 
     cache = Path(cache)

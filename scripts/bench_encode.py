@@ -77,7 +77,7 @@ def paired_ratios(
     `shared`: one store for every part (else one each)."""
     import numpy as np
 
-    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.oneshot import encode_texts
     from evalkit.embed.store import EmbeddingStore
 
     out = []
@@ -129,8 +129,8 @@ def main() -> int:
     import torch
     from _bench_common import machine_line
 
-    from evalkit.embed.encoder import encode_texts
     from evalkit.embed.models import load_model
+    from evalkit.embed.oneshot import encode_texts
 
     unique = read_glosses(args.data, args.n, unique=True)
     as_they_come = read_glosses(args.data, args.dupes_n, unique=False)

@@ -12,6 +12,7 @@
 4. `check`: diskcache's own check (SQLite integrity, counters, files), then every segment's
    header, key index and row checksums, format-1 rows, model records and unknown rows; `fix`
    rewrites or deletes what cannot be served.
+5. `wipe`: delete a store's own files, for a store too damaged to open.
 """
 
 from __future__ import annotations
@@ -284,3 +285,19 @@ def _json_ok(value: Any) -> bool:
         return isinstance(json.loads(bytes(value)), dict)
     except (TypeError, ValueError):
         return False
+
+
+def wipe(directory: str | os.PathLike) -> int:
+    """Delete a store's own files (cache.db and its WAL files, segment files), for a store too
+    damaged to open: `evalkit cache clear` on it. Returns the number of files removed."""
+    folder = Path(directory)
+    names = [folder / f"cache.db{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+    names += sorted((folder / cat.SEGMENT_DIR).glob("*.eks"))
+    removed = 0
+    for path in names:
+        if path.exists():
+            path.unlink()
+            removed += 1
+    if (folder / cat.SEGMENT_DIR).is_dir() and not any((folder / cat.SEGMENT_DIR).iterdir()):
+        (folder / cat.SEGMENT_DIR).rmdir()
+    return removed

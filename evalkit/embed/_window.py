@@ -54,6 +54,10 @@ def rows(texts: Any) -> Iterator[Any]:
 
 
 def windows(texts: Any, window: int) -> Iterator[list]:
+    if isinstance(texts, (list, tuple)) and set(map(type, texts)) <= {str}:  # flat: slice it
+        for start in range(0, len(texts), window):
+            yield list(texts[start : start + window])
+        return
     buf: list = []
     for text in rows(texts):
         buf.append(text)
@@ -125,7 +129,11 @@ class Lookup:
         )
         self._future: Future | None = None
 
-    def get(self, keys: list[bytes]) -> tuple[np.ndarray | None, np.ndarray]:
+    def get(
+        self, keys: list[bytes], out: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(vectors or None when none was found, found mask) for `keys`. `out` (float32 [n, dim]):
+        when every key is asked of the store, the store fills it and it is the vectors."""
         n = len(keys)
         found = np.zeros(n, dtype=bool)
         if self.store is None or n == 0:
@@ -135,7 +143,7 @@ class Lookup:
             ask = (
                 range(n) if not self.cold else [i for i, k in enumerate(keys) if k in self.written]
             )
-            return self._ask(keys, ask, vecs, found)
+            return self._ask(keys, ask, vecs, found, out)
         ask = []
         for i, key in enumerate(keys):
             vec = self.pending.get(key)
@@ -148,13 +156,14 @@ class Lookup:
                 ask.append(i)
         return self._ask(keys, ask, vecs, found)
 
-    def _ask(self, keys: list[bytes], ask: Sequence[int], vecs: np.ndarray | None, found):
+    def _ask(self, keys: list[bytes], ask: Sequence[int], vecs, found, out=None):
         """Look the keys at positions `ask` up in the store; fill `vecs` and `found`."""
         if not len(ask):
             return vecs, found
         whole = len(ask) == len(keys)
+        into = out if whole and vecs is None and self.dim is not None else None
         got, ok = self.store.get_many(
-            keys if whole else [keys[i] for i in ask], dim=self.dim, model=self.fp
+            keys if whole else [keys[i] for i in ask], dim=self.dim, model=self.fp, out=into
         )
         if whole and vecs is None:  # every key asked: the store's array is the answer
             found[:] = ok

@@ -19,7 +19,8 @@ For each window of `window` input texts (read ahead by a background thread):
 misses, duplicates, seconds, model load time) of everything it encoded. Given a model folder
 instead of a loaded model it loads the model only on the first store miss: the fingerprint memo
 (`evalkit.embed.memo`) gives the fingerprint of an unchanged folder, so a run whose texts are
-all in the store never imports torch. `iter_encode`/`encode_texts` wrap one encoder per input.
+all in the store never imports torch. `evalkit.embed.oneshot` (`iter_encode`, `encode_texts`)
+runs one encoder over one input.
 
 Whether a text hits depends only on the texts before it, not on timing, so an interrupted run
 resumed over the same store reproduces the uninterrupted run's bytes. Tokenisation (once to order,
@@ -48,7 +49,7 @@ from evalkit.embed._window import (  # noqa: F401  (EncodeResult: part of this m
     prefetch,
     windows,
 )
-from evalkit.embed.models import amp_dtype, length_order, place_model, resolve_prompt
+from evalkit.embed.models import amp_dtype, encode_longest_first, place_model, resolve_prompt
 from evalkit.errors import EvalkitError
 
 DEFAULT_WINDOW = 16384
@@ -236,10 +237,14 @@ class StreamingEncoder:
                 served = self._from_store(texts)
                 if served is not None:
                     return served
-            blocks = [
-                self._encode_window(texts[s : s + self.window], None)
-                for s in range(0, len(texts), self.window)
-            ]
+            direct = self._dim and texts and self.store is not None  # the store enforces dim
+            out = np.empty((len(texts), self._dim), np.float32) if direct else None
+            blocks = []  # written into `out` when the dimension is known: no concatenation
+            for s in range(0, len(texts), self.window):
+                dst = None if out is None else out[s : s + self.window]
+                blocks.append(self._encode_window(texts[s : s + self.window], None, None, dst))
+            if out is not None:
+                return out
             if not blocks:
                 return np.zeros((0, self._dim or 0), dtype=np.float32)
             return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
@@ -255,11 +260,13 @@ class StreamingEncoder:
         total: int | None = None,
         first_row: int = 0,
         on_progress: Any = None,
+        out: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield float32 blocks ([<= window, dim]) for `texts` in input order; windows start at
         the first text. `first_row` offsets the row numbers in error messages; `on_progress(n)`
         is called as rows are done (at least once per ~1,000 encoded texts); the counts of this
-        call are added to `stats` too."""
+        call are added to `stats` too. `out` (float32 [len(texts), dim]): the blocks are written
+        into it, and are its slices (no copy when the store serves a window)."""
         if isinstance(texts, str):
             raise EvalkitError("texts must be an iterable of strings, not a single string")
         bar = None
@@ -276,7 +283,9 @@ class StreamingEncoder:
                 t0 = time.perf_counter()
                 misses = self.stats.misses
                 check_texts(texts_w, row)
-                out = self._encode_window(texts_w, on_progress, stats)
+                at = row - first_row
+                dst = None if out is None else out[at : at + len(texts_w)]
+                block = self._encode_window(texts_w, on_progress, stats, dst)
                 row += len(texts_w)
                 elapsed = time.perf_counter() - t0
                 self.stats.seconds += elapsed
@@ -286,7 +295,7 @@ class StreamingEncoder:
                     on_progress(len(texts_w) - (self.stats.misses - misses))
                 if bar is not None:
                     bar.set_postfix(hits=self.stats.hits, misses=self.stats.misses, refresh=False)
-                yield out
+                yield block
         finally:
             if bar is not None:
                 bar.close()
@@ -313,30 +322,11 @@ class StreamingEncoder:
             s.fingerprint, s.dim = self._fingerprint or s.fingerprint, self._dim
 
     def _encode_misses(self, texts: list[str], on_progress: Any) -> np.ndarray:
-        """Longest first (`models.length_order`): by tokens, one encode() call per batch (it
-        re-sorts a longer slice by characters); by characters (no tokenizer), encode()'s own
-        order, so ~1,024 texts a call, cut at whole batches (progress within a window)."""
-        import torch
-
-        model = self.model
-        order, by_tokens = length_order(model, texts, self._prompt)
-        order = np.asarray(order, dtype=np.int64)
-        step = self.batch_size * (1 if by_tokens else max(1, 1024 // self.batch_size))
-        out: np.ndarray | None = None
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
-            args = (model, [texts[i] for i in idx.tolist()], self.batch_size, self._prompt)
-            if self.amp_dtype is not None:
-                with torch.autocast("cuda", dtype=self.amp_dtype):
-                    emb = self._encode_slice(*args)
-            else:
-                emb = self._encode_slice(*args)
-            if out is None:
-                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-            out[idx] = emb
-            if on_progress is not None:
-                on_progress(len(idx))
-        return out
+        """`models.encode_longest_first` through `_encode_slice` (one call per slice)."""
+        return encode_longest_first(
+            self.model, texts, self.batch_size, self._prompt, self.amp_dtype, self._encode_slice,
+            on_progress,
+        )  # fmt: skip
 
     def _encode_slice(self, model: Any, texts: list[str], batch_size: int, prompt: Any):
         emb = model.encode(
@@ -351,9 +341,14 @@ class StreamingEncoder:
         return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
 
     def _encode_window(
-        self, texts_w: list[str], on_progress: Any = None, extra: EncodeStats | None = None
+        self,
+        texts_w: list[str],
+        on_progress: Any = None,
+        extra: EncodeStats | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4).
+        """One window (already validated) -> float32 [len(texts_w), dim] (steps 1-4), written
+        into `out` when given (the store fills it directly when the window has no duplicate).
 
         The model is loaded first: a fingerprint taken from the memo is confirmed on the loaded
         model before any key of this window is looked up or written."""
@@ -361,25 +356,37 @@ class StreamingEncoder:
 
         self.model  # noqa: B018 - loads the model and confirms a memoised fingerprint
         uniq, inverse = dedupe(texts_w)
+        into = out if out is not None and len(uniq) == len(texts_w) else None
         vecs, found = None, np.zeros(len(uniq), dtype=bool)
         if self.store is not None:  # (keys are only needed with a store)
             keys = make_keys(self.fingerprint, uniq)
-            vecs, found = self._get_lookup().get(keys)
+            vecs, found = self._get_lookup().get(keys, into)
         miss = np.flatnonzero(~found)
         if len(miss):
             todo = uniq if len(miss) == len(uniq) else [uniq[i] for i in miss]
             new = self._encode_misses(todo, on_progress)
             if self.precision == "float16":  # serve exactly what the store serves later
                 new = new.astype(np.float16).astype(np.float32)
+            width = (vecs if vecs is not None else out if out is not None else new).shape[1]
+            if new.shape[1] != width:  # never broadcast, never store what cannot be served
+                raise EvalkitError(
+                    f"the model returned vectors of dimension {new.shape[1]}, not the "
+                    f"{width} it declares (or the store holds for it); nothing was stored"
+                )
             if self.store is None:
                 vecs = new  # fresh, in order: served as is when no text repeats (no copy)
             else:
-                vecs = np.zeros((len(uniq), new.shape[1]), np.float32) if vecs is None else vecs
+                if vecs is None:
+                    vecs = into if into is not None else np.zeros((len(uniq), width), np.float32)
                 vecs[miss] = new
                 self._get_lookup().put([keys[i] for i in miss], new)
         vecs = np.zeros((0, self._dim or 0), np.float32) if vecs is None else vecs  # empty window
         self._tally(len(texts_w), int(found.sum()), len(miss), extra)
-        return vecs if self.store is None and len(uniq) == len(texts_w) else vecs[inverse]
+        vecs = vecs if len(uniq) == len(texts_w) else vecs[inverse]  # no duplicate: no copy
+        if out is not None and vecs is not out:
+            out[...] = vecs  # (same shape: checked above, or vectors the store checked)
+            return out
+        return vecs
 
     # ------------------------------------------------------------------------------- reports
 
@@ -403,98 +410,3 @@ class StreamingEncoder:
                 raise
             fingerprint = None
         return {"path": self.path, "fingerprint": fingerprint, "similarity": self.similarity}
-
-
-def iter_encode(
-    texts: Iterable[str] | Any,
-    model: Any,
-    *,
-    store: Any = None,
-    batch_size: int = 64,
-    window: int = DEFAULT_WINDOW,
-    prompt: str | None = None,
-    prompt_name: str | None = None,
-    normalize: bool = False,
-    truncate_dim: int | None = None,
-    device: str | None = "auto",
-    amp: str | bool | None = "auto",
-    progress: bool = False,
-    total: int | None = None,
-    stats: EncodeStats | None = None,
-) -> Iterator[np.ndarray]:
-    """Yield float32 embedding blocks ([<= window, dim]) for `texts` in input order.
-
-    `texts`: any iterable of strings, or of batches of strings (lists, numpy/pyarrow arrays), or a
-    pyarrow (Chunked)Array. `model`: a SentenceTransformer, or a name/path for load_model().
-    `store`: an EmbeddingStore or its directory (None: no caching). Counts go into `stats`.
-    See StreamingEncoder for the other settings.
-    """
-    check_sizes(batch_size, window)
-    if isinstance(texts, str):
-        raise EvalkitError("texts must be an iterable of strings, not a single string")
-    settings = dict(
-        store=store, batch_size=batch_size, window=window, prompt=prompt, prompt_name=prompt_name,
-        normalize=normalize, truncate_dim=truncate_dim, device=device, amp=amp,
-    )  # fmt: skip
-    return _iter_encode(texts, model, settings, progress, total, stats)
-
-
-def _iter_encode(texts, model, settings, progress, total, stats) -> Iterator[np.ndarray]:
-    if model is None or isinstance(model, (str, os.PathLike)):
-        from evalkit.embed.models import load_model
-
-        model = load_model(model, device=settings["device"])
-    encoder = StreamingEncoder(model, **settings)
-    stats = stats if stats is not None else EncodeStats()
-    try:
-        yield from encoder.iter_encode(texts, stats=stats, progress=progress, total=total)
-        t0 = time.perf_counter()
-        encoder.close()
-        stats.seconds += time.perf_counter() - t0
-        stats.fingerprint, stats.dim = encoder.fingerprint, encoder.dim
-    finally:
-        encoder.close()
-
-
-def encode_texts(
-    texts: Iterable[str] | Any,
-    model: Any,
-    *,
-    store: Any = None,
-    batch_size: int = 64,
-    prompt: str | None = None,
-    normalize: bool = False,
-    progress: bool = False,
-    **kwargs: Any,
-) -> EncodeResult:
-    """Encode `texts` (see iter_encode) into one float32 array, serving what the store has.
-
-    Extra keyword arguments (window, prompt_name, truncate_dim, device, amp, total) go to iter_encode.
-    """
-    stats = EncodeStats()
-    t0 = time.perf_counter()
-    blocks = list(
-        iter_encode(
-            texts,
-            model,
-            store=store,
-            batch_size=batch_size,
-            prompt=prompt,
-            normalize=normalize,
-            progress=progress,
-            stats=stats,
-            **kwargs,
-        )
-    )
-    if blocks:
-        embeddings = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-    else:
-        embeddings = np.zeros((0, stats.dim or 0), dtype=np.float32)
-    return EncodeResult(
-        embeddings=embeddings,
-        hits=stats.hits,
-        misses=stats.misses,
-        seconds=time.perf_counter() - t0,
-        fingerprint=stats.fingerprint,
-        stats=stats,
-    )

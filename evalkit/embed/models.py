@@ -190,3 +190,33 @@ def length_order(model: Any, texts: list[str], prompt: str | None = None) -> tup
         lengths = list(map(len, texts))
     # = sorted(range(n), key=lambda i: -lengths[i]): both stable, numpy's without a Python key
     return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist(), by_tokens
+
+
+def encode_longest_first(
+    model: Any, texts: list[str], batch_size: int, prompt: Any, amp: Any, encode: Any, on_progress
+) -> Any:
+    """float32 [len(texts), dim] by `encode(model, slice, batch_size, prompt)`, longest first
+    (`length_order`): by tokens, one call per batch (encode() re-sorts a longer slice by
+    characters); by characters (no tokenizer), encode()'s own order, so ~1,024 texts a call, cut
+    at whole batches (progress within a window). Under CUDA autocast when `amp` is a dtype."""
+    import numpy as np
+    import torch
+
+    order_list, by_tokens = length_order(model, texts, prompt)
+    order = np.asarray(order_list, dtype=np.int64)
+    step = batch_size * (1 if by_tokens else max(1, 1024 // batch_size))
+    out = None
+    for start in range(0, len(order), step):
+        idx = order[start : start + step]
+        args = (model, [texts[i] for i in idx.tolist()], batch_size, prompt)
+        if amp is not None:
+            with torch.autocast("cuda", dtype=amp):
+                emb = encode(*args)
+        else:
+            emb = encode(*args)
+        if out is None:
+            out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+        out[idx] = emb
+        if on_progress is not None:
+            on_progress(len(idx))
+    return out

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from evalkit.embed import _catalog as cat
+from evalkit.embed._maintenance import wipe  # noqa: F401 - `evalkit cache clear` on a damaged store
 from evalkit.embed._mounts import refuse_network_fs
 from evalkit.embed._segments import (
     CODES,
@@ -328,19 +329,22 @@ class EmbeddingStore:
 
     # -- batch API --------------------------------------------------------------------------
     def get_many(
-        self, keys: Sequence[bytes], *, dim: int | None = None, model: str | None = None
+        self, keys: Sequence[bytes], *, dim: int | None = None, model: str | None = None, out=None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Look up `keys`; every row served has passed its checksum.
 
         Returns (vectors float32 [n, dim], found bool [n]); rows not found are zeros. `dim`, when
         given, is checked against what is stored (and sets the shape when nothing is found).
         `model` (the fingerprint the keys were made with) limits the search to its segments.
+        `out` (float32 [n, dim], `dim` given): filled and returned instead of a new array.
         """
         n = len(keys)
+        if out is not None and (dim is None or out.shape != (n, dim) or out.dtype != np.float32):
+            raise StoreError(f"get_many: out must be float32 of shape ({n}, dim) with dim given")
         if n == 0:
             return np.zeros((0, dim or 0), dtype=np.float32), np.zeros(0, dtype=bool)
         kmat = self._key_matrix(keys)
-        out: list[np.ndarray] = []
+        into: list[np.ndarray] = [] if out is None else [out]
 
         def take(seg: Segment, dst: np.ndarray, rows: np.ndarray) -> None:
             if seg.dtype != self.dtype:
@@ -352,18 +356,18 @@ class EmbeddingStore:
                 raise StoreError(
                     f"store {self.directory}: stored vectors have dim {seg.dim}, expected {dim}"
                 )
-            if not out:  # rows not found are zeroed at the end
-                out.append(np.empty((n, seg.dim), dtype=np.float32))
-            elif out[0].shape[1] != seg.dim:
+            if not into:  # rows not found are zeroed at the end
+                into.append(np.empty((n, seg.dim), dtype=np.float32))
+            elif into[0].shape[1] != seg.dim:
                 raise StoreError(f"store {self.directory}: vectors of different sizes found")
-            out[0][dst] = seg.vectors(rows)
+            into[0][dst] = seg.vectors(rows)
 
         found, _ = self._find(self._segments(model), kmat, take)
-        if not out:
+        if not into:
             return np.zeros((n, dim or 0), dtype=np.float32), found
         if not found.all():
-            out[0][~found] = 0.0
-        return out[0], found
+            into[0][~found] = 0.0
+        return into[0], found
 
     def _key_matrix(self, keys: Sequence[bytes]) -> np.ndarray:
         try:
@@ -482,19 +486,3 @@ class EmbeddingStore:
 
         with cat.sqlite_errors(self.directory):
             return check(self, fix)
-
-
-def wipe(directory: str | os.PathLike) -> int:
-    """Delete a store's own files (cache.db and its WAL files, segment files), for a store too
-    damaged to open: `evalkit cache clear` on it. Returns the number of files removed."""
-    folder = Path(directory)
-    names = [folder / f"cache.db{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
-    names += sorted((folder / SEGMENT_DIR).glob("*.eks"))
-    removed = 0
-    for path in names:
-        if path.exists():
-            path.unlink()
-            removed += 1
-    if (folder / SEGMENT_DIR).is_dir() and not any((folder / SEGMENT_DIR).iterdir()):
-        (folder / SEGMENT_DIR).rmdir()
-    return removed

@@ -8,7 +8,8 @@ import csv
 import numpy as np
 import pytest
 
-from evalkit.embed.encoder import EncodeStats, encode_texts, iter_encode
+from evalkit.embed.encoder import EncodeStats
+from evalkit.embed.oneshot import encode_texts, iter_encode
 from evalkit.embed.store import EmbeddingStore
 from evalkit.errors import DataError
 
@@ -248,10 +249,11 @@ def test_encode_calls_per_order(tiny_model, monkeypatch, by_tokens, calls):
     by characters is encode()'s own, so it goes in slices of ~1,024 texts (per-call overhead
     dominated cheap models: +10% on precomputed vectors at 100k documents)."""
     from evalkit.embed import encoder as enc
+    from evalkit.embed import models
 
     seen = []
     real = enc.StreamingEncoder._encode_slice
-    monkeypatch.setattr(enc, "length_order", lambda m, t, p: (list(range(len(t))), by_tokens))
+    monkeypatch.setattr(models, "length_order", lambda m, t, p: (list(range(len(t))), by_tokens))
     monkeypatch.setattr(enc.StreamingEncoder, "_encode_slice",
                         lambda self, *a: seen.append(len(a[1])) or real(self, *a))  # fmt: skip
     texts = [f"text {i}" for i in range(150)]
@@ -281,3 +283,80 @@ def test_window_fast_paths_match_the_general_ones():
         check_texts(["x", "y", None], 10)
     with pytest.raises(DataError, match="text at row 11 is a int"):
         check_texts(["x", 5], 10)
+    from evalkit.embed._window import windows
+
+    flat = [f"t{i}" for i in range(10)]
+    assert list(windows(flat, 4)) == [flat[:4], flat[4:8], flat[8:]]
+    assert list(windows(tuple(flat), 10)) == [flat]
+    nested = [flat[:3], "x", np.array(flat[3:5]), Text("y")]  # batches: the general path
+    assert list(windows(nested, 4)) == [flat[:3] + ["x"], flat[3:5] + ["y"]]
+    assert all(type(t) is Text for t in next(windows([Text("a"), Text("b")], 2)))
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 10_000])
+def test_encode_texts_writes_every_window_into_one_array(tiny_model, texts, tmp_path, window):
+    """encode_texts allocates its output once and each window is written into its slice (the
+    store fills it directly): cold, warm and partly filled stores, duplicates within and across
+    windows, and StreamingEncoder.encode the same way, all equal to plain encode()."""
+    from evalkit.embed.encoder import StreamingEncoder
+
+    sub = texts[:60] + texts[:5] + ["", texts[3]] if window < 7 else texts
+    reference = tiny_model.encode(sub, batch_size=16, convert_to_numpy=True)
+    half = EmbeddingStore(tmp_path / "half")
+    encode_texts(sub[::2], tiny_model, store=half, batch_size=16, window=window)
+    for store in (EmbeddingStore(tmp_path / "cold"), half):
+        for _ in ("first", "again"):
+            got = encode_texts(sub, tiny_model, store=store, batch_size=16, window=window)
+            assert got.embeddings.shape == reference.shape and got.embeddings.flags.c_contiguous
+            np.testing.assert_allclose(got.embeddings, reference, atol=1e-5, rtol=0)
+        assert got.misses == 0
+        with StreamingEncoder(tiny_model, store=store, batch_size=16, window=window) as enc:
+            np.testing.assert_array_equal(enc.encode(sub), got.embeddings)
+
+
+def test_iter_encode_blocks_are_slices_of_out(tiny_model, tmp_path):
+    from evalkit.embed.encoder import StreamingEncoder
+
+    sub = [f"sentence number {i}" for i in range(23)] + ["sentence number 3"]
+    out = np.full((len(sub), 32), np.nan, dtype=np.float32)
+    with StreamingEncoder(tiny_model, store=tmp_path, batch_size=8, window=5) as enc:
+        blocks = list(enc.iter_encode(sub, out=out))
+    assert all(np.shares_memory(b, out) for b in blocks)
+    np.testing.assert_allclose(out, tiny_model.encode(sub, batch_size=8), atol=1e-5, rtol=0)
+
+
+def test_get_many_fills_out_and_zeroes_what_it_does_not_find(tmp_path):
+    from evalkit.embed.store import make_keys
+    from evalkit.errors import StoreError
+
+    store = EmbeddingStore(tmp_path)
+    keys = make_keys("fp", ["a", "b", "c"])
+    vecs = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.put_many(keys[:2], vecs[:2], model="fp")
+    out = np.full((3, 4), np.nan, dtype=np.float32)
+    got, found = store.get_many(keys, dim=4, model="fp", out=out)
+    assert got is out and found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(out, np.vstack([vecs[:2], np.zeros((1, 4), np.float32)]))
+    nothing = np.full((1, 4), np.nan, dtype=np.float32)
+    assert store.get_many(make_keys("fp", ["z"]), dim=4, out=nothing)[0] is nothing
+    assert not nothing.any()
+    for bad in (np.zeros((3, 5), np.float32), np.zeros((3, 4), np.float64), np.zeros((2, 4))):
+        with pytest.raises(StoreError, match="out must be float32"):
+            store.get_many(keys, dim=4, out=bad)
+    with pytest.raises(StoreError, match="out must be float32"):
+        store.get_many(keys, out=out)  # dim not given
+
+
+def test_vectors_of_another_dimension_than_declared_are_refused(tiny_model, tmp_path, monkeypatch):
+    """A model whose vectors are not the dimension it declares must fail loudly, never be
+    broadcast into the output (one column copied 32 times) nor stored."""
+    from evalkit.embed import encoder as enc
+    from evalkit.errors import EvalkitError
+
+    real = enc.StreamingEncoder._encode_slice
+    monkeypatch.setattr(enc.StreamingEncoder, "_encode_slice",
+                        lambda self, *a: real(self, *a)[:, :1])  # fmt: skip
+    store = EmbeddingStore(tmp_path)
+    with pytest.raises(EvalkitError, match="dimension 1, not the 32 it declares"):
+        encode_texts(["a", "b", "a"], tiny_model, store=store)
+    assert store.count() == 0

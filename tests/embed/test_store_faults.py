@@ -357,7 +357,7 @@ def test_write_lock_wait_is_bounded(tmp_path):
 def test_encoder_re_encodes_and_repairs_a_damaged_row(tmp_path, tiny_model):
     """Guards against: the encoder serving a damaged stored vector, or leaving the damage in
     place so every later run pays for (and warns about) it again."""
-    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.oneshot import encode_texts
 
     texts = [f"sentence number {i} about store repair" for i in range(40)]
     store = EmbeddingStore(tmp_path / "s")
@@ -388,7 +388,8 @@ def _segment_file_of(store: EmbeddingStore, fp: str) -> Path:
 def test_encoder_refuses_non_finite_embeddings(tmp_path, tiny_model, monkeypatch):
     """Guards against: a model that emits NaN (broken weights, float16 overflow) having its
     vectors stored and served on every later run."""
-    from evalkit.embed.encoder import StreamingEncoder, encode_texts
+    from evalkit.embed.encoder import StreamingEncoder
+    from evalkit.embed.oneshot import encode_texts
 
     real = StreamingEncoder._encode_slice
 
@@ -407,7 +408,7 @@ def test_encoder_refuses_non_finite_embeddings(tmp_path, tiny_model, monkeypatch
 def test_encoder_over_a_read_only_store(tmp_path, tiny_model):
     """Guards against: a provisioned read-only store making every run fail (or retry forever),
     and a miss against it being silently dropped instead of reported."""
-    from evalkit.embed.encoder import encode_texts
+    from evalkit.embed.oneshot import encode_texts
 
     texts = ["one text", "two texts", "three texts"]
     store = EmbeddingStore(tmp_path / "s")
