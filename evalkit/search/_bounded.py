@@ -23,11 +23,17 @@ The engine behind `evalkit.search.exact.exact_search`:
 The approximate GEMM runs in numpy, or in torch on a torch device (TF32 and reduced-precision
 matmul switched off while it runs, so the float32 bound holds); candidates and rescoring are the
 same numpy code on both, so both give the same answer.
+Steps 2, 4 and 5 are row-wise (a slice row, a query row, a pair), so `parallel` runs them on
+parts of the rows, one part per CPU (numpy releases the GIL in these loops); every value is
+computed by the same code on the same operands, so the answer is bit-identical to one part.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,6 +44,45 @@ U32 = 2.0**-24  # unit roundoff of float32
 RESCORE_PAIRS = 1024  # pairs gathered at a time for rescoring (3 MiB of float64 rows)
 DENSE_NORM = 1e30  # |q| |v| above this could overflow float32: score every pair exactly
 NORM_ROWS = 1024  # rows whose float64 norms are computed together
+MAX_THREADS = 8  # parts a row-wise pass is cut into, at most (one per available CPU)
+MIN_PART_ROWS = 128  # below this many rows a part is not worth a thread hand-off
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_pool_lock = threading.Lock()
+
+
+def cpus() -> int:
+    """CPUs this process may run on (its affinity mask; cgroup quotas are not read)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def row_parts(n: int, parts: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) spans cutting n rows into up to `parts` (default: the CPUs) near-equal parts of
+    at least MIN_PART_ROWS rows each."""
+    want = min(parts or cpus(), MAX_THREADS, max(1, n // MIN_PART_ROWS))
+    cuts = [n * i // want for i in range(want + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a] or [(0, n)]
+
+
+def parallel(fn, spans: list[tuple[int, int]]) -> list:
+    """[fn(lo, hi) for each span], the first in this thread and the others on a shared pool
+    (made once per process: a forked child makes its own)."""
+    global _pool
+    if len(spans) <= 1:
+        return [fn(*span) for span in spans]
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(MAX_THREADS - 1, "evalkit-exact"))
+        pool = _pool[1]
+    futures = [pool.submit(fn, *span) for span in spans[1:]]
+    try:
+        first = fn(*spans[0])
+    finally:
+        rest = [f.result() for f in futures]  # waits for every part, even when one raised
+    return [first, *rest]
 
 
 def margin_factor(dim: int) -> float:
@@ -87,12 +132,64 @@ class Workspace:
     """Scratch arrays reused across slices and chunks: large temporaries would otherwise be
     fresh pages (page faults) on every call."""
 
-    def __init__(self, dim: int, query_rows: int, corpus_rows: int) -> None:
-        self.norm = np.empty((NORM_ROWS, dim), dtype=np.float64)
+    def __init__(self, dim: int, query_rows: int, corpus_rows: int, slices: bool = True) -> None:
         self.approx = np.empty((query_rows, corpus_rows), dtype=np.float32)
         self.mask = np.empty((query_rows, corpus_rows), dtype=bool)
-        self.gemm = np.empty((corpus_rows, dim), dtype=np.float32)
         self.v = np.empty((RESCORE_PAIRS, dim), dtype=np.float64)
+        if slices:  # a corpus slice's buffers (`CorpusSlice`), shared by every query part
+            self.norm = np.empty((NORM_ROWS, dim), dtype=np.float64)
+            self.gemm = np.empty((corpus_rows, dim), dtype=np.float32)
+
+
+class QueryParts:
+    """The queries cut into parts (`spans`, each folded into its own TopK) and the parts grouped
+    into chunks of at most query_rows rows; `run` scores one corpus slice:
+    1) the chunk's GEMM (`NumpyGemm.multiply`), the slice's columns cut into one part per thread;
+    2) the chunk's parts in parallel, one per thread: candidates, rescoring, folding.
+    With T > 1 threads BLAS runs single-threaded in each (process-wide while `run` runs): with one
+    multi-threaded GEMM, steps 2 ran on one core while the BLAS workers spun idle. Every score,
+    candidate and TopK is computed from the same rows as with one thread: the answer is identical.
+    On a torch device there is one part per chunk, scored there (`TorchGemm`)."""
+
+    def __init__(self, q32: np.ndarray, device: Any, corpus_rows: int, query_rows: int) -> None:
+        nq, dim = q32.shape
+        numpy_path = device is None or (isinstance(device, str) and device in ("cpu", "auto"))
+        self.threads = min(cpus(), MAX_THREADS, max(1, nq // MIN_PART_ROWS)) if numpy_path else 1
+        chunk = min(query_rows, nq)
+        rows = max(1, -(-chunk // self.threads))
+        self.spans = [(i, min(i + rows, nq)) for i in range(0, nq, rows)]
+        self.chunks = [
+            list(range(i, min(i + self.threads, len(self.spans))))
+            for i in range(0, len(self.spans), self.threads)
+        ]
+        self.work = Workspace(dim, min(nq, rows * self.threads) if numpy_path else 0, corpus_rows)
+        self.scratch = [Workspace(dim, 0, 0, slices=False) for _ in range(self.threads)]
+        self.gemm: Any = None
+        self._blas = None
+        if not nq:
+            return
+        if numpy_path:
+            self.gemm = NumpyGemm(q32, self.work, self.threads)
+        else:
+            self.gemm = TorchGemm(q32, device)
+        if self.threads > 1:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
+
+    def run(self, sl: CorpusSlice, fold) -> None:
+        """fold(span index, gemm, scratch workspace) for every span, chunk by chunk."""
+        with contextlib.ExitStack() as stack:
+            if self._blas is not None:
+                stack.enter_context(self._blas.limit(limits=1, user_api="blas"))
+            for chunk in self.chunks:
+                lo, hi = self.spans[chunk[0]][0], self.spans[chunk[-1]][1]
+                self.gemm.multiply(lo, hi, sl)
+
+                def part(t: int, _: int, chunk=chunk) -> None:
+                    fold(chunk[t], self.gemm, self.scratch[t])
+
+                parallel(part, [(t, t + 1) for t in range(len(chunk))])
 
 
 class CorpusSlice:
@@ -103,11 +200,22 @@ class CorpusSlice:
     def __init__(self, v: np.ndarray, cosine: bool, work: Workspace, first_row: int = 0) -> None:
         self.v, self.cosine = v, cosine
         gemm = work.gemm[: len(v)]
-        src = v  # float32 rows are read as they are: one pass fewer than copying them first
-        if v.dtype != np.float32:
-            gemm[...] = v
-            src = gemm
-        norms = np.sqrt(np.einsum("ij,ij->i", src, src).astype(np.float64))
+        # float32 rows are read as they are: one pass fewer than copying them first
+        src = v if v.dtype == np.float32 else gemm
+
+        def part(lo: int, hi: int) -> np.ndarray:
+            if src is gemm:
+                gemm[lo:hi] = v[lo:hi]
+            rows = src[lo:hi]
+            norms = np.sqrt(np.einsum("ij,ij->i", rows, rows).astype(np.float64))
+            if cosine and np.isfinite(norms).all() and norms.max(initial=0.0) <= 1e18:
+                inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+                np.multiply(rows, inv[:, None], out=gemm[lo:hi])
+            elif not cosine and src is v:
+                gemm[lo:hi] = rows
+            return norms
+
+        norms = np.concatenate(parallel(part, row_parts(len(v))))
         if not np.isfinite(norms).all() or norms.max(initial=0.0) > 1e18:
             norms = row_norms(v, work.norm)  # float32 overflowed (or NaN): exact norms decide
             _finite(norms, "corpus block", first_row)
@@ -115,10 +223,6 @@ class CorpusSlice:
                 gemm[...] = np.asarray(v, dtype=np.float64) / np.maximum(norms, 1e-12)[:, None]
             elif src is v:
                 gemm[...] = v
-        elif cosine:
-            np.multiply(src, (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)[:, None], out=gemm)
-        elif src is v:
-            gemm[...] = v
         slack = 1.0 + 2 * margin_factor(v.shape[1])  # the float32 norms' own error
         if cosine:
             self.vmax = float(np.max(norms / np.maximum(norms, 1e-12), initial=0.0)) * slack
@@ -242,15 +346,28 @@ def all_pairs(n: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class NumpyGemm:
-    """A = q32 @ slice32.T on the CPU (numpy's BLAS)."""
+    """A = q32 @ slice32.T on the CPU (numpy's BLAS): `multiply` a chunk of query rows, then
+    `candidates` of any rows of it (several parts at once, from threads)."""
 
-    def __init__(self, q32: np.ndarray, work: Workspace) -> None:
-        self.q32, self.work = q32, work
+    def __init__(self, q32: np.ndarray, work: Workspace, threads: int = 1) -> None:
+        self.q32, self.work, self.threads = q32, work, threads
+        self.lo, self.approx = 0, work.approx[:0]
+
+    def multiply(self, lo: int, hi: int, sl: CorpusSlice) -> None:
+        """Query rows [lo, hi) x the slice into the work array, the columns cut into a part per
+        thread (single-threaded BLAS each: one part's packed operands are its own)."""
+        self.lo, self.approx = lo, self.work.approx[: hi - lo, : len(sl)]
+
+        def part(a: int, b: int) -> None:
+            np.matmul(self.q32[lo:hi], sl.gemm[a:b].T, out=self.approx[:, a:b])
+
+        parallel(part, row_parts(len(sl), self.threads))
 
     def candidates(self, lo, hi, sl: CorpusSlice, margin, held_kth, k):
-        """(rows, cols, their approximate scores)."""
-        approx = np.matmul(self.q32[lo:hi], sl.gemm.T, out=self.work.approx[: hi - lo, : len(sl)])
-        rows, cols = candidates(approx, margin, held_kth, k, self.work.mask[: hi - lo, : len(sl)])
+        """(rows, cols, their approximate scores) of query rows [lo, hi) of the multiplied chunk."""
+        approx = self.approx[lo - self.lo : hi - self.lo]
+        mask = self.work.mask[lo - self.lo : hi - self.lo, : len(sl)]
+        rows, cols = candidates(approx, margin, held_kth, k, mask)
         return rows, cols, approx[rows, cols]
 
 
@@ -263,6 +380,9 @@ class TorchGemm:
 
         self.torch, self.device = torch, torch.device(device)
         self.q32 = torch.from_numpy(q32).to(self.device)
+
+    def multiply(self, lo: int, hi: int, sl: CorpusSlice) -> None:
+        """Nothing ahead: `candidates` multiplies its rows on the device."""
 
     @contextlib.contextmanager
     def _full_precision(self):
@@ -307,10 +427,3 @@ class TorchGemm:
         rows, cols = torch.nonzero(approx >= cut32[:, None], as_tuple=True)
         values = approx[rows, cols]
         return rows.cpu().numpy(), cols.cpu().numpy(), values.cpu().numpy()
-
-
-def gemm_backend(q32: np.ndarray, device: Any, work: Workspace):
-    """numpy for None / "cpu"; torch for a torch.device or any other device name."""
-    if device is None or (isinstance(device, str) and device in ("cpu", "auto")):
-        return NumpyGemm(q32, work)
-    return TorchGemm(q32, device)

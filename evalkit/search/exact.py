@@ -17,7 +17,10 @@ Algorithm (``exact_search``): float32 GEMM for candidates, float64 for the answe
 6) ``TopK`` folds the candidates in under the total order (-score, id), ties broken by id;
 7) return (scores, ids), each [n_queries, min(k, corpus size)], best first.
 Queries are scored QUERY_ROWS at a time against CORPUS_ROWS-row slices of each block, so RAM is
-O(n_queries x k + QUERY_ROWS x CORPUS_ROWS) whatever the corpus and block sizes.
+O(n_queries x k + QUERY_ROWS x CORPUS_ROWS) whatever the corpus and block sizes. On the CPU with
+several cores, steps 2-6 run in threads (`_bounded.QueryParts`): the GEMM with the slice's
+columns cut into one part per thread, then steps 3-6 with the chunk's queries cut likewise, each
+part folding into its own TopK; the answer is the same bits as with one thread.
 
 Because candidates are a superset of the true top-k and every kept score is exact, the result
 is the float64 answer and identical for any block size. Dialects: ``sentence-transformers`` ranks
@@ -210,12 +213,9 @@ def exact_search(
         )
     cosine = score == "cosine"
     q64, q_norms, q32 = _bounded.prepare_queries(q_in, cosine)
-    work = _bounded.Workspace(q64.shape[1], min(QUERY_ROWS, len(q64)), CORPUS_ROWS)
-    gemm = _bounded.gemm_backend(q32, device, work) if len(q64) else None
+    parts = _bounded.QueryParts(q32, device, CORPUS_ROWS, QUERY_ROWS)
     factor = _bounded.margin_factor(q64.shape[1])
-    # bounded work arrays: query chunks x corpus slices of at most QUERY_ROWS x CORPUS_ROWS scores
-    spans = [(i, min(i + QUERY_ROWS, len(q64))) for i in range(0, len(q64), QUERY_ROWS)]
-    tops = [TopK(hi - lo, k, ties=ties) for lo, hi in spans]
+    tops = [TopK(hi - lo, k, ties=ties) for lo, hi in parts.spans]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -238,15 +238,19 @@ def exact_search(
         if dialect == "trec_eval":
             ids = ids.astype(str)
         for c0 in range(0, len(v_in), CORPUS_ROWS):
-            sl = _bounded.CorpusSlice(v_in[c0 : c0 + CORPUS_ROWS], cosine, work, row + c0)
+            sl = _bounded.CorpusSlice(v_in[c0 : c0 + CORPUS_ROWS], cosine, parts.work, row + c0)
             slice_ids = ids[c0 : c0 + CORPUS_ROWS]
-            for (lo, hi), top in zip(spans, tops, strict=True):
-                _fold_slice(top, sl, slice_ids, (q64[lo:hi], q_norms[lo:hi], lo, hi),
-                            (gemm, factor, work), out_dtype)  # fmt: skip
+
+            def fold(i: int, gemm, scratch) -> None:  # one query part of this slice
+                lo, hi = parts.spans[i]
+                _fold_slice(tops[i], sl, slice_ids, (q64[lo:hi], q_norms[lo:hi], lo, hi),  # noqa: B023
+                            (gemm, factor, scratch), out_dtype)  # fmt: skip  # noqa: B023
+
+            parts.run(sl, fold)  # returns once every part is folded: the loop variables hold
         row += len(v_in)
         if bar is not None:
             bar.update(len(v_in))
-        vectors = v_in = sl = None  # freed before the next block is made: one block alive
+        vectors = v_in = sl = fold = None  # freed before the next block is made: one block alive
     if bar is not None:
         bar.close()
     if not tops:

@@ -124,6 +124,58 @@ def test_query_chunks_and_corpus_slices_do_not_change_the_answer(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 8])
+@pytest.mark.parametrize("query_rows", [5, 1024])
+def test_threaded_query_parts_give_the_one_thread_answer(monkeypatch, cpus, query_rows):
+    """Guards the threaded CPU path (column parts of the GEMM, query parts scored in threads):
+    the answer must be bit-identical to one thread and to the float64 definition, at every
+    corpus slicing, and numpy's BLAS must get its thread count back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    import evalkit.search.exact as search
+    from evalkit.search import _bounded
+
+    rng = np.random.default_rng(7)
+    queries = rng.standard_normal((23, 16)).astype(np.float32)
+    vectors = rng.standard_normal((700, 16)).astype(np.float32)
+    vectors[::9] = vectors[4]  # exact ties: broken by id, whichever thread holds the query
+    ids = np.arange(len(vectors))
+    monkeypatch.setattr(search, "QUERY_ROWS", query_rows)
+    monkeypatch.setattr(search, "CORPUS_ROWS", 97)
+    monkeypatch.setattr(_bounded, "MIN_PART_ROWS", 1)
+    monkeypatch.setattr(_bounded, "cpus", lambda: 1)
+    one = exact_search(queries, _blocks(ids, vectors, 250), 20)
+    before = [(lib["internal_api"], lib["num_threads"]) for lib in threadpool_info()]
+    monkeypatch.setattr(_bounded, "cpus", lambda: cpus)
+    parts = _bounded.QueryParts(queries, None, 97, query_rows)
+    assert parts.threads == cpus and len(parts.spans) > 1
+    many = exact_search(queries, _blocks(ids, vectors, 250), 20)
+    assert [(lib["internal_api"], lib["num_threads"]) for lib in threadpool_info()] == before
+    want_s, want_i = _float64_answer(queries, vectors, ids, 20)
+    for got in (one, many):
+        np.testing.assert_array_equal(got[1], want_i)
+        np.testing.assert_array_equal(got[0], want_s)
+
+
+def test_parallel_waits_for_every_part_and_raises_the_first_error():
+    from evalkit.search import _bounded
+
+    done = []
+
+    def part(lo, hi):
+        if lo == 0:
+            raise ValueError("part 0 failed")
+        done.append(lo)
+        return lo
+
+    with pytest.raises(ValueError, match="part 0 failed"):
+        _bounded.parallel(part, [(0, 1), (1, 2), (2, 3)])
+    assert sorted(done) == [1, 2]
+    assert _bounded.parallel(lambda lo, hi: hi - lo, [(0, 3), (3, 10)]) == [3, 7]
+    assert _bounded.row_parts(10, 4) == [(0, 10)]  # under MIN_PART_ROWS a part: not cut
+    assert _bounded.row_parts(1000, 3) == [(0, 333), (333, 666), (666, 1000)]
+
+
 def test_empty_corpus_and_no_queries():
     scores, ids = exact_search(np.ones((3, 4), np.float32), [], 5)
     assert scores.shape == (3, 0) and ids.shape == (3, 0)
