@@ -10,7 +10,9 @@
    metric (constant scores) is logged as a warning and written as null.
 3) `retrieval_pass` encodes the queries, streams (ids, texts) corpus blocks through the encoder
    into `exact_search` (O(queries x k) state; its GEMM on the model's GPU when it has one), and
-   scores the ranked lists with the dialect's retrieval metrics and a recall@k curve;
+   scores the ranked lists with the dialect's retrieval metrics and a recall@k curve; a thread
+   encodes the next block while the current one is searched (`one_ahead`: two blocks of
+   vectors alive at most);
    `per_query(ids, keys, values)`, when given, receives every counted query's metric values.
    `warn_missing_documents` warns (count, example id) when the qrels judge documents that are not
    in the corpus: they can never be retrieved, so they lower recall.
@@ -21,6 +23,7 @@ The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -185,14 +188,15 @@ def retrieval_pass(
             for doc_ids, texts in corpus_batches:
                 vectors = texts if precomputed else encoder.encode(texts)
                 yield np.asarray(doc_ids, dtype=str), vectors
-                vectors = None  # freed before the next block is encoded: one block alive
+                vectors = None  # held by the search alone: with one_ahead, two blocks alive
                 bar.update(len(doc_ids))
 
     t = time.perf_counter()
+    stream = blocks() if precomputed else one_ahead(blocks())
     if index is None:
         top_scores, top_ids = exact_search(
             query_emb,
-            blocks(),
+            stream,
             metric.depth,
             score=score_name,
             dialect=dialect,
@@ -203,7 +207,7 @@ def retrieval_pass(
 
         top_scores, top_ids = ann_search(
             query_emb,
-            blocks(),
+            stream,
             metric.depth,
             index=index,
             score=score_name,
@@ -221,6 +225,60 @@ def retrieval_pass(
     curve = _recall_curve(qrels, query_ids, ranked, metric.max_k)
     timings = {"encode_queries_s": t_queries, "corpus_encode_and_search_s": t_search}
     return metrics, curve, timings
+
+
+def one_ahead(items: Iterable) -> Iterator:
+    """Yield `items` in order while a thread makes the next one: encoding block j+1 (the model's
+    Python and forward pass) overlaps searching block j (numpy/BLAS, which release the GIL).
+    At most two items are alive (the caller's and the next); the thread's error is raised here;
+    closing this generator early stops the thread and closes `items` there."""
+    import queue
+
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    wanted = threading.Semaphore(0)  # one release per item the caller has taken
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            while not stop.is_set():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    ready.put((end, None))
+                    return
+                ready.put((item, None))
+                item = None  # the caller holds it now: not kept alive here
+                wanted.acquire()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            ready.put((None, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="evalkit-encode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            wanted.release()  # make the next one while the caller works on this one
+            yield item
+            item = None
+    finally:
+        stop.set()
+        wanted.release()
+        while thread.is_alive():  # let a blocked put finish, then the thread sees `stop`
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _gpu_of(encoder: Any) -> Any:
