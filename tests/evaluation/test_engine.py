@@ -1,4 +1,4 @@
-"""The engine's encode-ahead stream: order, bounded look-ahead, errors and early stops."""
+"""The engine's search-behind stream: order, bounded look-ahead, errors from either side."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-from evalkit.evaluation.engine import one_ahead
+from evalkit.evaluation.engine import search_behind
 
 
 class Block:
@@ -18,21 +18,36 @@ class Block:
         self.data = np.full(4, i)
 
 
-def test_items_come_in_order_made_by_another_thread():
-    makers = set()
-
-    def source():
-        for i in range(50):
-            makers.add(threading.current_thread().name)
+def _source(n, made=None, closed=None, fail_at=None):
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"block {i} is broken")
+            if made is not None:
+                made.append(threading.current_thread().name)
             yield Block(i)
+    finally:
+        if closed is not None:
+            closed.set()
 
-    assert [b.i for b in one_ahead(source())] == list(range(50))
-    assert makers == {"evalkit-encode-ahead"}
+
+def test_the_search_sees_every_item_in_order_in_another_thread():
+    made, seen = [], []
+
+    def search(stream):
+        for block in stream:
+            seen.append((block.i, threading.current_thread().name))
+        return "done"
+
+    assert search_behind(search, _source(50, made)) == "done"
+    assert [i for i, _ in seen] == list(range(50))
+    assert {name for _, name in seen} == {"evalkit-search"}
+    assert set(made) == {threading.current_thread().name}  # the encoder stays in the caller
 
 
-def test_at_most_the_callers_item_and_the_next_are_alive():
-    """Guards the memory bound: the thread may make item j+1 while the caller holds item j,
-    never j+2 (three blocks of vectors alive)."""
+def test_at_most_the_searched_item_and_the_next_are_alive():
+    """Guards the memory bound: block j+2 is made only once the search let go of block j
+    (three blocks of vectors alive otherwise)."""
     alive: list[weakref.ref] = []
     held_when_made = []
 
@@ -44,62 +59,45 @@ def test_at_most_the_callers_item_and_the_next_are_alive():
             yield block
             block = None
 
-    for block in one_ahead(source()):
-        assert block.i == len(alive) - 1 or block.i == len(alive) - 2
-        time.sleep(0.005)  # a slow caller: a thread running ahead would make j+2 meanwhile
-        block = None  # the caller lets go of it, as exact_search does
+    def search(stream):
+        for block in stream:
+            time.sleep(0.005)  # a slow search: a maker running ahead would make j+2 meanwhile
+            block = None  # noqa: F841 - let go, as exact_search does before asking for the next
+        return len(alive)
+
+    assert search_behind(search, source()) == 30
     assert max(held_when_made) <= 1, held_when_made
 
 
-def test_an_error_in_the_thread_is_raised_in_the_caller():
-    def source():
-        yield Block(0)
-        raise ValueError("block 1 is broken")
-
-    got = []
-    with pytest.raises(ValueError, match="block 1 is broken"):
-        for block in one_ahead(source()):
-            got.append(block.i)
-    assert got == [0]
-
-
-def test_stopping_early_stops_the_thread_and_closes_the_source():
-    closed = threading.Event()
+def test_an_error_in_the_search_stops_the_maker_and_is_raised():
     made = []
 
-    def source():
-        try:
-            for i in range(1000):
-                made.append(i)
-                yield Block(i)
-        finally:
-            closed.set()
-
-    before = threading.active_count()
-    stream = one_ahead(source())
-    for block in stream:
-        if block.i == 3:
-            break
-    stream.close()
-    assert closed.is_set() and len(made) <= 5
-    assert threading.active_count() == before
-
-
-def test_an_error_in_the_caller_stops_the_thread():
-    closed = threading.Event()
-
-    def source():
-        try:
-            for i in range(1000):
-                yield Block(i)
-        finally:
-            closed.set()
-
-    def consume():
-        for block in one_ahead(source()):
+    def search(stream):
+        for block in stream:
             if block.i == 2:
                 raise KeyError("search failed")
 
-    with pytest.raises(KeyError):
-        consume()
-    assert closed.wait(5)
+    before = threading.active_count()
+    with pytest.raises(KeyError, match="search failed"):
+        search_behind(search, _source(1000, made))
+    assert len(made) <= 4
+    assert threading.active_count() == before
+
+
+def test_an_error_while_making_ends_the_search_and_is_raised():
+    closed = threading.Event()
+    seen = []
+
+    def search(stream):
+        seen.extend(block.i for block in stream)
+        return "partial"
+
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="block 3 is broken"):
+        search_behind(search, _source(10, closed=closed, fail_at=3))
+    assert seen == [0, 1, 2] and closed.is_set()
+    assert threading.active_count() == before
+
+
+def test_an_empty_stream():
+    assert search_behind(lambda stream: [b.i for b in stream], iter([])) == []
