@@ -22,6 +22,7 @@ The SentenceEvaluator classes built on it live in `evalkit.evaluation.evaluators
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -193,26 +194,16 @@ def retrieval_pass(
                 trim_heap()
 
     t = time.perf_counter()
-    stream = blocks()
     if index is None:
-
-        def search(stream):
-            return exact_search(
-                query_emb,
-                stream,
-                metric.depth,
-                score=score_name,
-                dialect=dialect,
-                device=_gpu_of(encoder),
-            )
-
-        top_scores, top_ids = search(stream) if precomputed else search_behind(search, stream)
+        search = functools.partial(exact_search, query_emb, k=metric.depth, score=score_name,
+                                   dialect=dialect, device=_gpu_of(encoder))  # fmt: skip
+        top_scores, top_ids = search(blocks()) if precomputed else search_behind(search, blocks())
     else:  # a FAISS factory string, "auto", a folder from `evalkit index build`, an EmbeddingIndex
         from evalkit.search.ann import ann_search
 
         top_scores, top_ids = ann_search(
             query_emb,
-            stream,
+            blocks(),
             metric.depth,
             index=index,
             score=score_name,
