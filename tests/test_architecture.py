@@ -3,7 +3,7 @@ modules and functions stay short. Imports are read with ast (nothing is executed
 import-cost test, which starts a fresh interpreter.
 
 Parts and their rank (a module may import its own part and parts of lower rank only):
-  0 base (errors, _imports, _io, the root package) <- 1 data, metrics <- 2 embed <- 3 search
+  0 base (errors, _imports, _io, _threads, the root package) <- 1 data, metrics <- 2 embed <- 3 search
   <- 4 evaluation <- 5 train <- 6 jobs <- 7 cli (<- evalkit.__main__).
 """
 
@@ -30,7 +30,7 @@ RANK = {
     "cli": 7,
     "main": 8,
 }
-BASE_MODULES = {"evalkit", "evalkit.errors", "evalkit._imports", "evalkit._io"}
+BASE_MODULES = {"evalkit", "evalkit.errors", "evalkit._imports", "evalkit._io", "evalkit._threads"}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 HEAVY = ("torch", "sentence_transformers", "transformers", "faiss", "matplotlib", "ray")

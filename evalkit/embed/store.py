@@ -17,7 +17,8 @@ Algorithm:
 1. `get_many(keys)`: sort the keys' 8-byte prefixes; list the segments (one indexed SELECT);
    for each segment, oldest first, `np.searchsorted` the keys still missing, gather their
    records with one `np.take` from the memory-mapped file, verify them, and copy the vectors
-   out -> (vectors float32 [n, dim], found mask [n]).
+   out -> (vectors float32 [n, dim], found mask [n]); with `dim` given, the keys are cut into
+   one part per CPU (`READ_PART_KEYS` at least), each looked up on a thread of its own.
 2. `put_many(keys, vectors, model=fp)`: refuse non-finite vectors; take the write lock
    (`BEGIN IMMEDIATE`, bounded wait); drop keys that already have a verified row; write the
    rest as one new segment (exclusive create, fsync) and add its catalogue row; COMMIT. A
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from evalkit._threads import parallel, row_parts
 from evalkit.embed import _catalog as cat
 from evalkit.embed._maintenance import wipe  # noqa: F401 - `evalkit cache clear` on a damaged store
 from evalkit.embed._mounts import refuse_network_fs
@@ -69,6 +71,7 @@ from evalkit.errors import StoreError
 DTYPES = {name: (code, DTYPE_OF[code]) for name, code in CODES.items()}
 SIZE_LIMIT = 2**62
 FORMAT = 2
+READ_PART_KEYS = 1024  # batch reads cut into parts of at least this many keys, one per CPU
 SEGMENT_DIR = cat.SEGMENT_DIR
 logger = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()  # (directory, segment) already reported in this process
@@ -362,7 +365,16 @@ class EmbeddingStore:
                 raise StoreError(f"store {self.directory}: vectors of different sizes found")
             into[0][dst] = seg.vectors(rows)
 
-        found, _ = self._find(self._segments(model), kmat, take)
+        segments = self._segments(model)  # listed once: the parts below only read them
+        spans = row_parts(n, min_rows=READ_PART_KEYS) if dim is not None else [(0, n)]
+        if len(spans) > 1 and not into:
+            into.append(np.empty((n, dim), dtype=np.float32))
+        found = np.zeros(n, dtype=bool)
+
+        def part(a: int, b: int) -> None:  # keys [a, b), on a thread of its own (numpy: no GIL)
+            found[a:b] = self._find(segments, kmat[a:b], lambda g, d, r: take(g, d + a, r))[0]
+
+        parallel(part, spans)
         if not into:
             return np.zeros((n, dim or 0), dtype=np.float32), found
         if not found.all():

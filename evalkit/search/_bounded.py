@@ -31,58 +31,17 @@ computed by the same code on the same operands, so the answer is bit-identical t
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from evalkit._threads import MAX_THREADS, MIN_PART_ROWS, cpus, parallel, row_parts
 from evalkit.errors import DataError
 
 U32 = 2.0**-24  # unit roundoff of float32
 RESCORE_PAIRS = 1024  # pairs gathered at a time for rescoring (3 MiB of float64 rows)
 DENSE_NORM = 1e30  # |q| |v| above this could overflow float32: score every pair exactly
 NORM_ROWS = 1024  # rows whose float64 norms are computed together
-MAX_THREADS = 8  # parts a row-wise pass is cut into, at most (one per available CPU)
-MIN_PART_ROWS = 128  # below this many rows a part is not worth a thread hand-off
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-_pool_lock = threading.Lock()
-
-
-def cpus() -> int:
-    """CPUs this process may run on (its affinity mask; cgroup quotas are not read)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def row_parts(n: int, parts: int | None = None) -> list[tuple[int, int]]:
-    """[lo, hi) spans cutting n rows into up to `parts` (default: the CPUs) near-equal parts of
-    at least MIN_PART_ROWS rows each."""
-    want = min(parts or cpus(), MAX_THREADS, max(1, n // MIN_PART_ROWS))
-    cuts = [n * i // want for i in range(want + 1)]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a] or [(0, n)]
-
-
-def parallel(fn, spans: list[tuple[int, int]]) -> list:
-    """[fn(lo, hi) for each span], the first in this thread and the others on a shared pool
-    (made once per process: a forked child makes its own)."""
-    global _pool
-    if len(spans) <= 1:
-        return [fn(*span) for span in spans]
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(MAX_THREADS - 1, "evalkit-exact"))
-        pool = _pool[1]
-    futures = [pool.submit(fn, *span) for span in spans[1:]]
-    try:
-        first = fn(*spans[0])
-    finally:
-        rest = [f.result() for f in futures]  # waits for every part, even when one raised
-    return [first, *rest]
 
 
 def margin_factor(dim: int) -> float:

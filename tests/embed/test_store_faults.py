@@ -104,6 +104,57 @@ def test_damaged_record_is_a_miss_never_a_vector(tmp_path, part, caplog):
     _served_exactly(store, keys, vecs, damaged={7})
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 8])
+def test_reads_cut_into_threaded_parts_serve_what_one_part_serves(tmp_path, monkeypatch, cpus):
+    """Guards the threaded batch read (keys cut into parts looked up on threads): every part
+    must serve exactly the verified rows of its own keys into the right output rows, damaged
+    and missing ones as zero misses, whichever part (and segment) a key falls in."""
+    import evalkit._threads as threads
+    import evalkit.embed.store as store_mod
+
+    store, keys, vecs = _store_with(tmp_path, n=300)
+    more = make_keys("fp", [f"text {i}" for i in range(300, 450)])
+    store.put_many(more, _vectors(150, seed=1), model="fp")  # a second segment
+    keys, vecs = keys + more, np.concatenate([vecs, _vectors(150, seed=1)])
+    path = _segment_holding(store, keys[7])
+    start, _ = _record_offset(path, keys[7])
+    _flip(path, start + KEY_BYTES + 5)
+    absent = make_keys("fp", [f"absent {i}" for i in range(40)])
+    order = np.random.default_rng(5).permutation(len(keys) + len(absent))
+    asked = [(keys + absent)[i] for i in order]
+    monkeypatch.setattr(store_mod, "READ_PART_KEYS", 1_000_000)
+    one, one_found = EmbeddingStore(tmp_path / "s").get_many(asked, dim=DIM)
+    monkeypatch.setattr(store_mod, "READ_PART_KEYS", 7)
+    monkeypatch.setattr(threads, "cpus", lambda: cpus)
+    assert len(threads.row_parts(len(asked), min_rows=7)) == cpus
+    fresh = EmbeddingStore(tmp_path / "s")
+    out = np.full((len(asked), DIM), np.nan, dtype=np.float32)
+    got, found = fresh.get_many(asked, dim=DIM, out=out)
+    assert got is out
+    np.testing.assert_array_equal(found, one_found)
+    np.testing.assert_array_equal(got, one)
+    want = {k: v for i, (k, v) in enumerate(zip(keys, vecs, strict=True)) if i != 7}
+    for i, key in enumerate(asked):
+        if key in want:
+            assert found[i]
+            np.testing.assert_array_equal(got[i], want[key])
+        else:  # the damaged row and the absent keys: zeros, not found
+            assert not found[i] and not got[i].any()
+
+
+def _segment_holding(store: EmbeddingStore, key: bytes) -> Path:
+    for row, _ in store._headers("fp"):
+        path = store.directory / row.filename
+        seg = Segment(path)
+        if (
+            (seg.rows(np.arange(seg.count))[:, :KEY_BYTES] == np.frombuffer(key, np.uint8))
+            .all(axis=1)
+            .any()
+        ):
+            return path
+    raise AssertionError("key in no segment")
+
+
 def test_damaged_key_index_is_never_a_wrong_vector(tmp_path):
     """Guards against: a damaged 8-byte key index entry pointing a key at another key's vector."""
     store, keys, vecs = _store_with(tmp_path)
