@@ -210,9 +210,13 @@ def retrieval_pass(
             model_fingerprint=encoder.fingerprint,
         )
     t_search = time.perf_counter() - t
-    ranked = [[d for d in map(str, row) if d != ""] for row in np.asarray(top_ids).tolist()]
-    scores = [np.asarray(top_scores[i][: len(r)], dtype=np.float64) for i, r in enumerate(ranked)]
-    metric.update(list(query_ids), ranked, scores)
+    top_ids = np.asarray(top_ids).astype(str)
+    ranked = [[d for d in row if d != ""] for row in top_ids.tolist()]
+    if top_ids.ndim == 2 and (top_ids != "").all():  # full rows: re-ranked in one 2-D sort
+        metric.update(list(query_ids), top_ids, np.asarray(top_scores, dtype=np.float64))
+    else:
+        scores = [np.asarray(top_scores[i][: len(r)], np.float64) for i, r in enumerate(ranked)]
+        metric.update(list(query_ids), ranked, scores)
     metrics = _average(metric, dialect)
     if per_query is not None:
         per_query(*metric.per_query_arrays())
