@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 MAX_THREADS = 8  # parts a pass is cut into, at most
 MIN_PART_ROWS = 128  # below this many rows a part is not worth a thread hand-off
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_pool: tuple[int, Any] | None = None  # (pid that made it, ThreadPoolExecutor)
 _pool_lock = threading.Lock()
 
 
@@ -49,6 +48,8 @@ def parallel(fn: Callable[[int, int], Any], spans: list[tuple[int, int]]) -> lis
         return [fn(*span) for span in spans]
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor  # lazy: CLI start-up
+
             _pool = (os.getpid(), ThreadPoolExecutor(MAX_THREADS - 1, "evalkit-part"))
         pool = _pool[1]
     futures = [pool.submit(fn, *span) for span in spans[1:]]
