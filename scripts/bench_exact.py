@@ -62,7 +62,7 @@ def threaded_gemm(q32: np.ndarray, blocks, out: np.ndarray):
     import evalkit.search.exact as ex
     from evalkit.search import _bounded
 
-    parts = _bounded.QueryParts(q32, None, ex.CORPUS_ROWS, ex.QUERY_ROWS)
+    parts = _bounded.QueryParts(q32, np.ones(len(q32)), None, ex.CORPUS_ROWS, ex.QUERY_ROWS)
     if parts.threads == 1:
         return None
     blas = ThreadpoolController()

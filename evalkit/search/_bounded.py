@@ -110,7 +110,9 @@ class QueryParts:
     candidate and TopK is computed from the same rows as with one thread: the answer is identical.
     On a torch device there is one part per chunk, scored there (`TorchGemm`)."""
 
-    def __init__(self, q32: np.ndarray, device: Any, corpus_rows: int, query_rows: int) -> None:
+    def __init__(
+        self, q32: np.ndarray, q_norms: np.ndarray, device: Any, corpus_rows: int, query_rows: int
+    ) -> None:
         nq, dim = q32.shape
         numpy_path = device is None or (isinstance(device, str) and device in ("cpu", "auto"))
         self.threads = min(cpus(), MAX_THREADS, max(1, nq // MIN_PART_ROWS)) if numpy_path else 1
@@ -128,9 +130,9 @@ class QueryParts:
         if not nq:
             return
         if numpy_path:
-            self.gemm = NumpyGemm(q32, self.work, self.threads)
+            self.gemm = NumpyGemm(q32, q_norms, self.work, self.threads)
         else:
-            self.gemm = TorchGemm(q32, device)
+            self.gemm = TorchGemm(q32, q_norms, device)
         if self.threads > 1:
             from threadpoolctl import ThreadpoolController
 
@@ -308,14 +310,23 @@ class NumpyGemm:
     """A = q32 @ slice32.T on the CPU (numpy's BLAS): `multiply` a chunk of query rows, then
     `candidates` of any rows of it (several parts at once, from threads)."""
 
-    def __init__(self, q32: np.ndarray, work: Workspace, threads: int = 1) -> None:
-        self.q32, self.work, self.threads = q32, work, threads
-        self.lo, self.approx = 0, work.approx[:0]
+    def __init__(self, q32: np.ndarray, q_norms, work: Workspace, threads: int = 1) -> None:
+        self.q32, self.q_norms, self.work, self.threads = q32, q_norms, work, threads
+        self.lo, self.approx, self.skipped = 0, work.approx[:0], False
+
+    def dense(self, lo: int, hi: int, sl: CorpusSlice) -> bool:
+        """Whether rows [lo, hi) of the multiplied chunk score every pair exactly (`multiply`
+        decided it for the whole chunk: its float32 products could overflow)."""
+        return self.skipped
 
     def multiply(self, lo: int, hi: int, sl: CorpusSlice) -> None:
         """Query rows [lo, hi) x the slice into the work array, the columns cut into a part per
-        thread (single-threaded BLAS each: one part's packed operands are its own)."""
+        thread (single-threaded BLAS each: one part's packed operands are its own); nothing
+        when a product could overflow float32 (the rows are then scored exactly, `dense`)."""
         self.lo, self.approx = lo, self.work.approx[: hi - lo, : len(sl)]
+        self.skipped = bool(np.max(self.q_norms[lo:hi]) * sl.vmax > DENSE_NORM)
+        if self.skipped:
+            return
 
         def part(a: int, b: int) -> None:
             np.matmul(self.q32[lo:hi], sl.gemm[a:b].T, out=self.approx[:, a:b])
@@ -334,11 +345,15 @@ class TorchGemm:
     """A = q32 @ slice32.T in torch on `device` at full float32 precision; the candidate test
     runs there too and only the (row, col) pairs come back."""
 
-    def __init__(self, q32: np.ndarray, device: Any) -> None:
+    def __init__(self, q32: np.ndarray, q_norms, device: Any) -> None:
         import torch
 
-        self.torch, self.device = torch, torch.device(device)
+        self.torch, self.device, self.q_norms = torch, torch.device(device), q_norms
         self.q32 = torch.from_numpy(q32).to(self.device)
+
+    def dense(self, lo: int, hi: int, sl: CorpusSlice) -> bool:
+        """Whether rows [lo, hi) score every pair exactly (float32 products could overflow)."""
+        return bool(np.max(self.q_norms[lo:hi]) * sl.vmax > DENSE_NORM)
 
     def multiply(self, lo: int, hi: int, sl: CorpusSlice) -> None:
         """Nothing ahead: `candidates` multiplies its rows on the device."""

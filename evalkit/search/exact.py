@@ -213,7 +213,7 @@ def exact_search(
         )
     cosine = score == "cosine"
     q64, q_norms, q32 = _bounded.prepare_queries(q_in, cosine)
-    parts = _bounded.QueryParts(q32, device, CORPUS_ROWS, QUERY_ROWS)
+    parts = _bounded.QueryParts(q32, q_norms, device, CORPUS_ROWS, QUERY_ROWS)
     factor = _bounded.margin_factor(q64.shape[1])
     tops = [TopK(hi - lo, k, ties=ties) for lo, hi in parts.spans]
     bar = None
@@ -272,7 +272,7 @@ def _fold_slice(top: TopK, sl: Any, slice_ids: np.ndarray, queries, engine, out_
     gemm, factor, work = engine
     margin = factor * q_norms * sl.vmax
     held = top.scores is not None and top.scores.shape[1] == top.k
-    if np.max(q_norms) * sl.vmax > _bounded.DENSE_NORM:
+    if gemm.dense(lo, hi, sl):
         rows, cols = _bounded.all_pairs(hi - lo, len(sl))  # float32 could overflow
     else:
         kth = top.scores[:, -1].astype(np.float64) if held else None
